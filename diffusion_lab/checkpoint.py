@@ -1,0 +1,112 @@
+"""Checkpoint files: safetensors weights + a JSON config, written atomically, verified by SHA-256.
+
+Never pickles: a safetensors file holds only tensors and a string->string metadata map, so loading one
+cannot run code. Shipped checkpoints live in `checkpoints/` at the repository root; their hashes are
+pinned in `SHIPPED` below, so a corrupt or tampered file is refused before a single weight is read.
+Introduced in chapter 08 (training); used by the metrics classifier from chapter 01 on.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load_bytes
+from safetensors.torch import save as st_save_bytes
+
+# name -> SHA-256 of checkpoints/<name>.safetensors. Updated only by a retraining whose model card says so.
+SHIPPED: dict[str, str] = {}
+
+CHECKPOINT_ENV = "DIFFUSION_LAB_CHECKPOINTS"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, tampered with, or not what the caller expected."""
+
+
+def checkpoint_dir() -> Path:
+    """Where shipped checkpoints live: $DIFFUSION_LAB_CHECKPOINTS, else <repo>/checkpoints."""
+    env = os.environ.get(CHECKPOINT_ENV)
+    return Path(env) if env else Path(__file__).resolve().parent.parent / "checkpoints"
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> str:
+    """Save `tensors` with `config` (JSON) as metadata, atomically. Returns the file's SHA-256."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = st_save_bytes(tensors, metadata={"config": json.dumps(config, sort_keys=True)})
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[Path, str | None]:
+    """Map a shipped name (e.g. "mnist-cond") or a path to (file, expected SHA-256 or None)."""
+    text = str(name_or_path)
+    if text in SHIPPED:
+        return checkpoint_dir() / f"{text}.safetensors", SHIPPED[text]
+    path = Path(text)
+    if path.suffix != ".safetensors" and not path.exists():
+        shipped = ", ".join(sorted(SHIPPED)) or "none yet"
+        raise CheckpointError(f"no checkpoint {text!r}: not a file and not a shipped name (shipped: {shipped})")
+    return path, None
+
+
+def load_checkpoint(name_or_path: str | os.PathLike, sha256: str | None = None) -> tuple[dict, dict]:
+    """Load (tensors, config). Shipped names are verified against their pinned SHA-256 before parsing;
+    pass `sha256` to verify any other file the same way."""
+    path, expected = resolve_checkpoint(name_or_path)
+    expected = sha256 or expected
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    data = path.read_bytes()
+    if expected is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != expected:
+            raise CheckpointError(
+                f"checkpoint {path} failed its SHA-256 check (expected {expected[:12]}..., got {actual[:12]}...): "
+                "the file is corrupt or was modified. Restore it with `git checkout -- checkpoints/`."
+            )
+    try:
+        tensors = st_load_bytes(data)
+        config = json.loads(_header(data).get("__metadata__", {}).get("config", "{}"))
+    except (SafetensorError, json.JSONDecodeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} is not a valid safetensors file: {err}") from err
+    return tensors, config
+
+
+def _header(data: bytes) -> dict:
+    """The safetensors JSON header: an 8-byte little-endian length, then that many bytes of JSON."""
+    if len(data) < 8:
+        raise ValueError("file too short")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError("header length runs past the end of the file")
+    return json.loads(data[8 : 8 + n])

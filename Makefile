@@ -21,7 +21,7 @@ ARGS    ?=
 all: test book
 
 help:
-	@sed -n '2,8p' Makefile
+	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
 
 # Create the venv if it is missing, then install the package (editable) with both extras.
 # torch/torchvision are pinned in the [test] extra; re-runs whenever pyproject.toml is newer than the stamp.

@@ -80,3 +80,31 @@ def guided(model, labels: torch.Tensor | None = None, style: torch.Tensor | None
         return pred_null + scale * (pred_code - pred_null)
 
     return guided_model
+
+
+def attributes_from_code(code: torch.Tensor, mean, std) -> torch.Tensor:
+    """The inverse of `style_code`: (B, S+1) codes -> (B, S) raw attributes, e.g. slant and thickness in
+    pixels (chapter 07). A null style (presence flag 0) asks for no attribute at all, so it raises."""
+    if code.ndim != 2 or code.shape[1] < 2:
+        raise ValueError(f"style codes must have shape (B, S+1), got {tuple(code.shape)}")
+    if (code[:, -1] == 0).any():
+        raise ValueError("a null style code (presence flag 0) has no attributes to recover")
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=code.device)
+    std = torch.as_tensor(std, dtype=torch.float32, device=code.device)
+    if mean.shape != (code.shape[1] - 1,) or std.shape != mean.shape:
+        raise ValueError(f"mean/std must have {code.shape[1] - 1} entries, got {tuple(mean.shape)}, {tuple(std.shape)}")
+    return code[:, :-1].float() * std + mean
+
+
+def interpolate_codes(start: torch.Tensor, end: torch.Tensor, n: int) -> torch.Tensor:
+    """`n` style codes on the straight line from `start` to `end` (each (S+1,) with flag 1), ends included
+    (chapter 07). Standardised attributes are interpolated; the presence flag stays 1."""
+    start, end = torch.as_tensor(start, dtype=torch.float32), torch.as_tensor(end, dtype=torch.float32)
+    if start.ndim != 1 or start.shape != end.shape:
+        raise ValueError(f"start and end must be single codes of the same shape (S+1,), got {tuple(start.shape)}, {tuple(end.shape)}")
+    if start[-1] != 1 or end[-1] != 1:
+        raise ValueError("interpolate between present style codes (flag 1); the null code has no position to move from")
+    if n < 2:
+        raise ValueError(f"need at least 2 points on the path, got {n}")
+    w = torch.linspace(0, 1, n, device=start.device)[:, None]
+    return torch.lerp(start[None], end[None], w)

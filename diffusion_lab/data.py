@@ -392,7 +392,7 @@ STYLE_ATTRIBUTES = ("slant", "thickness")
 def _ink(images: torch.Tensor) -> torch.Tensor:
     """Ink per pixel in [0, 1], float32 (N, H, W): uint8 / 255, or (x + 1) / 2 for [-1, 1] floats."""
     if images.dtype == torch.uint8:
-        if images.ndim == 4:
+        if images.ndim == 4 and images.shape[1] == 1:
             images = images[:, 0]
         if images.ndim != 3:
             raise ValueError(f"expected uint8 images (N, H, W) or (N, 1, H, W), got shape {tuple(images.shape)}")

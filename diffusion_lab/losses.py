@@ -75,3 +75,47 @@ def diffusion_loss(model, schedule: NoiseSchedule, x0: torch.Tensor, objective: 
     snr = schedule.snr.to(x0.device)[t].float()
     per_sample = per_sample * loss_weight(objective, weighting, snr, gamma)
     return per_sample.mean() if reduce else per_sample
+
+
+def implied_x0_weight(objective: str, weighting: str, snr: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """The total weight an objective and a weighting put on ||x0 - x0_hat||^2 at each SNR (chapter 04):
+    x0_weight(objective, snr) * loss_weight(objective, weighting, snr, gamma). With "min_snr" this is
+    min(snr, gamma) whatever the objective; plotted against log-SNR it shows where each loss spends its effort."""
+    return x0_weight(objective, snr) * loss_weight(objective, weighting, snr, gamma)
+
+
+def elbo_weight(schedule: NoiseSchedule) -> torch.Tensor:
+    """Weight (T,) on the summed squared x0 error of each step's term in the DDPM ELBO (chapter 04).
+
+    For t >= 1 the term is L_{t-1} = KL(q(x_{t-1} | x_t, x0) || p(x_{t-1} | x_t)) with both variances equal to
+    the posterior's; it is exactly 1/2 (snr[t-1] - snr[t]) ||x0 - x0_hat||^2 (Kingma et al. 2021, eq. 13 in
+    discrete time). For t = 0 the term is the decoder L_0; taking it Gaussian with variance 1 / snr[0] (the
+    noise left at step 0, in data units) gives 1/2 snr[0] ||x0 - x0_hat||^2 up to a constant. The prior term
+    L_T has no parameters and no weight here.
+    """
+    snr = schedule.snr
+    return 0.5 * torch.cat([snr[:1], snr[:-1] - snr[1:]])
+
+
+def optimal_x0(x_t: torch.Tensor, alpha_bar_t, data: torch.Tensor) -> torch.Tensor:
+    """E[x0 | x_t] when x0 is drawn uniformly from the N points `data` (N, ...) (chapter 04).
+
+    This is the minimiser of every objective in this module (any positive weighting, any parameterisation):
+    with unlimited capacity all of them learn the same denoiser. x_t is (B, ...) like data's points;
+    alpha_bar_t is a number or a (B,) tensor. Each point's posterior weight is a softmax of
+    -||x_t - sqrt(alpha_bar_t) x0_i||^2 / (2 (1 - alpha_bar_t)). Memory is B x N x D: meant for toy data.
+    """
+    if x_t.shape[1:] != data.shape[1:]:
+        raise ValueError(f"x_t points have shape {tuple(x_t.shape[1:])}, data points {tuple(data.shape[1:])}")
+    alpha_bar_t = torch.as_tensor(alpha_bar_t, dtype=torch.float64)
+    if alpha_bar_t.ndim == 0:
+        alpha_bar_t = alpha_bar_t.expand(len(x_t))
+    if alpha_bar_t.shape != (len(x_t),):
+        raise ValueError(f"alpha_bar_t must be a number or one value per point, shape ({len(x_t)},)")
+    if (alpha_bar_t <= 0).any() or (alpha_bar_t >= 1).any():
+        raise ValueError("alpha_bar_t must lie strictly between 0 and 1")
+    x, d = x_t.flatten(1).double(), data.flatten(1).double()
+    alpha_bar_t = alpha_bar_t.to(x.device)[:, None]
+    sq_dist = (x[:, None, :] - alpha_bar_t.sqrt()[:, :, None] * d[None]).pow(2).sum(-1)  # (B, N)
+    weights = torch.softmax(-sq_dist / (2 * (1 - alpha_bar_t)), dim=1)
+    return (weights @ d).reshape(x_t.shape).to(x_t.dtype)

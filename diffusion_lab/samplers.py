@@ -27,16 +27,27 @@ def sampling_timesteps(T: int, steps: int) -> torch.Tensor:
     return (T - torch.arange(steps, dtype=torch.float64) * T / steps).round().long() - 1
 
 
-def predict(model, x_t: torch.Tensor, t: int, alpha_bar_t: torch.Tensor, prediction: str):
-    """Run the network at integer step t and return (eps_hat, x0_hat), whatever it was trained to predict."""
+def predict(model, x_t: torch.Tensor, t: int, alpha_bar_t: torch.Tensor, prediction: str,
+            clip_x0: float | None = None):
+    """Run the network at integer step t and return (eps_hat, x0_hat), whatever it was trained to predict.
+
+    clip_x0=c clamps x0_hat to [-c, c] and recomputes eps_hat to match (as Ho et al.'s released code does).
+    It matters for eps-prediction at the noisiest steps: there x0_hat = (x_t - sqrt(1 - alpha_bar) eps_hat) /
+    sqrt(alpha_bar) divides the network's error by sqrt(alpha_bar), about 5e-5 at the cosine schedule's last step.
+    """
     out = model(x_t, torch.full((len(x_t),), t, device=x_t.device, dtype=torch.long)).to(x_t.dtype)
     if prediction == "eps":
-        return out, x0_from_eps(x_t, out, alpha_bar_t)
-    if prediction == "x0":
-        return eps_from_x0(x_t, out, alpha_bar_t), out
-    if prediction == "v":
-        return eps_from_v(x_t, out, alpha_bar_t), x0_from_v(x_t, out, alpha_bar_t)
-    raise ValueError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+        eps_hat, x0_hat = out, x0_from_eps(x_t, out, alpha_bar_t)
+    elif prediction == "x0":
+        eps_hat, x0_hat = eps_from_x0(x_t, out, alpha_bar_t), out
+    elif prediction == "v":
+        eps_hat, x0_hat = eps_from_v(x_t, out, alpha_bar_t), x0_from_v(x_t, out, alpha_bar_t)
+    else:
+        raise ValueError(f"unknown prediction type {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    if clip_x0 is not None:
+        x0_hat = x0_hat.clamp(-clip_x0, clip_x0)
+        eps_hat = eps_from_x0(x_t, x0_hat, alpha_bar_t)
+    return eps_hat, x0_hat
 
 
 def _alpha_bar(schedule: NoiseSchedule, t: int, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +71,8 @@ def _steps(schedule, x_T, steps, progress, desc):
 
 @torch.no_grad()
 def sample_ddpm(model, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | None = None, prediction: str = "eps",
-                generator: torch.Generator | None = None, callback=None, progress: bool = False) -> torch.Tensor:
+                generator: torch.Generator | None = None, callback=None, progress: bool = False,
+                clip_x0: float | None = None) -> torch.Tensor:
     """Ancestral sampling, Ho et al. (2020), Algorithm 2, with the posterior variance beta_tilde.
 
     Paper -> code: x_t -> x; alpha_bar_t -> alpha_bar_t; beta_t -> beta_t (respaced: 1 - alpha_bar_t / alpha_bar_prev);
@@ -70,7 +82,7 @@ def sample_ddpm(model, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | 
     x = x_T.clone()
     for i, (t, t_prev) in enumerate(_steps(schedule, x_T, steps or schedule.T, progress, "DDPM")):
         alpha_bar_t, alpha_bar_prev = _alpha_bar(schedule, t, x), _alpha_bar(schedule, t_prev, x)
-        eps_hat, x0_hat = predict(model, x, t, alpha_bar_t, prediction)
+        eps_hat, x0_hat = predict(model, x, t, alpha_bar_t, prediction, clip_x0)
         beta_t = 1 - alpha_bar_t / alpha_bar_prev
         # posterior mean of q(x_{t-1} | x_t, x0_hat), DDPM eq. 7
         mean = (alpha_bar_prev.sqrt() * beta_t * x0_hat + (1 - beta_t).sqrt() * (1 - alpha_bar_prev) * x) / (1 - alpha_bar_t)
@@ -84,7 +96,7 @@ def sample_ddpm(model, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int | 
 @torch.no_grad()
 def sample_ddim(model, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 50, eta: float = 0.0,
                 prediction: str = "eps", generator: torch.Generator | None = None, callback=None,
-                progress: bool = False) -> torch.Tensor:
+                progress: bool = False, clip_x0: float | None = None) -> torch.Tensor:
     """DDIM, Song et al. (2021), eq. 12 (their Algorithm is the loop below); eta=0 is deterministic, eta=1
     matches DDPM's ancestral sampler on the same steps.
 
@@ -96,7 +108,7 @@ def sample_ddim(model, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 
     x = x_T.clone()
     for i, (t, t_prev) in enumerate(_steps(schedule, x_T, steps, progress, "DDIM")):
         alpha_bar_t, alpha_bar_prev = _alpha_bar(schedule, t, x), _alpha_bar(schedule, t_prev, x)
-        eps_hat, x0_hat = predict(model, x, t, alpha_bar_t, prediction)
+        eps_hat, x0_hat = predict(model, x, t, alpha_bar_t, prediction, clip_x0)
         sigma = eta * ((1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_bar_t / alpha_bar_prev)).sqrt()
         dir_xt = (1 - alpha_bar_prev - sigma**2).clamp(min=0).sqrt() * eps_hat
         x = alpha_bar_prev.sqrt() * x0_hat + dir_xt
@@ -128,20 +140,22 @@ def ddim_invert(model, schedule: NoiseSchedule, x0: torch.Tensor, steps: int = 5
 
 @torch.no_grad()
 def sample_dpm_solver_pp(model, schedule: NoiseSchedule, x_T: torch.Tensor, steps: int = 20, prediction: str = "eps",
-                         callback=None, progress: bool = False) -> torch.Tensor:
+                         callback=None, progress: bool = False, clip_x0: float | None = None,
+                         generator: torch.Generator | None = None) -> torch.Tensor:
     """DPM-Solver++(2M), Lu et al. (2022b, arXiv 2211.01095), Algorithm 2: a second-order multistep solver of
     the diffusion ODE in data-prediction form, with a first-order first and last step.
 
     Paper -> code: alpha_t -> sqrt(alpha_bar_t); sigma_t -> sqrt(1 - alpha_bar_t) (not this package's `sigmas`);
     lambda_t = log(alpha_t / sigma_t) -> lam; x_theta -> x0_hat; D_i -> d; r_i = h_{i-1} / h_i -> r.
-    One network evaluation per step (NFE = steps).
+    One network evaluation per step (NFE = steps). Deterministic: `generator` is accepted and ignored, so all
+    samplers share one call signature.
     """
     x = x_T.clone()
     lam = lambda ab: 0.5 * (ab.log() - (1 - ab).log())  # noqa: E731  half log-SNR
     x0_prev, h_prev = None, None
     for i, (t, t_next) in enumerate(_steps(schedule, x_T, steps, progress, "DPM-Solver++(2M)")):
         alpha_bar_t, alpha_bar_next = _alpha_bar(schedule, t, x), _alpha_bar(schedule, t_next, x)
-        _, x0_hat = predict(model, x, t, alpha_bar_t, prediction)
+        _, x0_hat = predict(model, x, t, alpha_bar_t, prediction, clip_x0)
         if t_next < 0:  # the clean end: sigma = 0, and the update reduces to x = x0_hat
             x = x0_hat
         else:

@@ -25,10 +25,11 @@ def _check_T(T: int) -> None:
 
 def linear_betas(T: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
     """DDPM's schedule (Ho et al. 2020): betas rise linearly. The defaults assume T=1000; for another T
-    they are rescaled by 1000/T so the total noise added stays the same (Nichol & Dhariwal 2021)."""
+    they are rescaled by 1000/T so the total noise added stays the same (Nichol & Dhariwal 2021), and clipped
+    at 0.999 so that a very short chain (T < 50) still has valid betas."""
     _check_T(T)
     scale = 1000 / T
-    return torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64)
+    return torch.linspace(beta_start * scale, beta_end * scale, T, dtype=torch.float64).clamp(max=0.999)
 
 
 def cosine_alpha_bar(time: torch.Tensor, s: float = 0.008) -> torch.Tensor:
@@ -207,3 +208,14 @@ def eps_from_v(x_t, v_hat, alpha_bar_t):
 
 def x0_from_v(x_t, v_hat, alpha_bar_t):
     return alpha_bar_t.sqrt() * x_t - (1 - alpha_bar_t).sqrt() * v_hat
+
+
+def fraction_near_noise(schedule: NoiseSchedule, max_snr: float = 0.01) -> float:
+    """The fraction of the T steps whose SNR lies below `max_snr`: how much of a schedule is spent where
+    x_t is (almost) pure noise. The default 0.01 means the signal's amplitude sqrt(alpha_bar) is under a
+    tenth of the noise's sqrt(1 - alpha_bar). Introduced in chapter 03."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"expected a NoiseSchedule, got {type(schedule).__name__}")
+    if not max_snr > 0:
+        raise ValueError(f"max_snr must be positive, got {max_snr!r}")
+    return (schedule.snr < max_snr).double().mean().item()

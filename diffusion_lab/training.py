@@ -43,7 +43,7 @@ class TrainConfig:
     # diffusion
     schedule: str = "cosine"
     T: int = 1000
-    objective: str = "eps"
+    objective: str = "v"               # v is well conditioned at the noisiest steps (Salimans & Ho 2022)
     weighting: str = "none"
     min_snr_gamma: float = 5.0
     p_uncond: float = 0.1             # classifier-free-guidance dropout of the whole code
@@ -129,8 +129,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: f
     """ema <- d * ema + (1 - d) * model, with d warmed up as (1 + step) / (10 + step) so that a short
     run's EMA is not dominated by its random initialisation."""
     d = min(decay, (1 + step) / (10 + step))
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1 - d)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1 - d)  # one launch
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -202,11 +201,13 @@ def load_model(name_or_path, device=None, use_ema: bool = True):
 # --- the loop ------------------------------------------------------------------------------------------------
 
 def train(config: TrainConfig, checkpoint: str | os.PathLike | None = None, resume: bool = True,
-          progress: bool = True, images: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> dict:
+          progress: bool = True, images: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+          callback=None) -> dict:
     """Train a UNet on MNIST (or on `images`/`labels` if given: uint8 (N, 28, 28) and long (N,)).
 
     Returns {"model", "ema", "schedule", "config", "losses", "step", "elapsed_s", "images_per_s"}.
     If `checkpoint` exists and `resume` is true, training continues from it at the step it reached.
+    `callback(step, ema)` runs every `log_every` steps (e.g. to evaluate); returning True stops training.
     """
     config.validate()
     rank, world = _distributed()
@@ -227,7 +228,7 @@ def train(config: TrainConfig, checkpoint: str | os.PathLike | None = None, resu
         if not config.style_mean:
             config.style_mean = attributes.mean(0).tolist()
             config.style_std = attributes.std(0).tolist()
-        style_all = style_code(attributes, config.style_mean, config.style_std)
+        style_all = style_code(attributes, config.style_mean, config.style_std).to(device)
 
     schedule = build_schedule(config)
     model = build_model(config).to(device)
@@ -250,7 +251,7 @@ def train(config: TrainConfig, checkpoint: str | os.PathLike | None = None, resu
         net = torch.compile(net)
 
     local_batch = config.batch_size // world
-    start, images_seen = time.perf_counter(), 0
+    start, images_seen, pending = time.perf_counter(), 0, []
     bar = tqdm(total=config.steps, initial=step, desc="training", disable=not progress or rank != 0,
                dynamic_ncols=True)
     while step < config.steps:
@@ -276,17 +277,24 @@ def train(config: TrainConfig, checkpoint: str | os.PathLike | None = None, resu
         ema_update(ema, model, step, config.ema_decay)
         step += 1
         images_seen += config.batch_size
-        losses.append(loss.item())
+        pending.append(loss.detach())
         if step % config.log_every == 0 or step == config.steps:
+            losses.extend(torch.stack(pending).tolist())  # one device sync per log interval, not per step
+            pending.clear()
             recent = losses[-config.log_every:]
             bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr_at(step - 1, config):.1e}")
         bar.update(1)
         if checkpoint is not None and rank == 0 and (step % config.ckpt_every == 0 or step == config.steps):
+            losses.extend(torch.stack(pending).tolist() if pending else [])
+            pending.clear()
             save_training_state(checkpoint, config, step, model, ema, optimizer, generator, losses,
                                 elapsed_before + time.perf_counter() - start)
+        if callback is not None and step % config.log_every == 0 and callback(step, ema):
+            break
     bar.close()
+    losses.extend(torch.stack(pending).tolist() if pending else [])
     wall = time.perf_counter() - start
-    if checkpoint is not None and rank == 0 and step % config.ckpt_every:  # stopped early by the time budget
+    if checkpoint is not None and rank == 0 and step % config.ckpt_every:  # stopped early (time budget or callback)
         save_training_state(checkpoint, config, step, model, ema, optimizer, generator, losses, elapsed_before + wall)
     return {"model": model, "ema": ema, "schedule": schedule, "config": config, "losses": losses, "step": step,
             "elapsed_s": elapsed_before + wall, "images_per_s": images_seen / wall if wall > 0 else float("nan")}

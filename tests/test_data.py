@@ -1,5 +1,6 @@
 """Tests of diffusion_lab.data: the real MNIST (and its offline fallback), ranges, toy sets, style attributes."""
 import gzip
+import io
 import os
 import pickle
 
@@ -101,8 +102,6 @@ def test_restricted_unpickler_refuses_code(tmp_path):
 
 def test_restricted_unpickler_allows_arrays_but_not_other_numpy():
     blob = pickle.dumps(np.arange(6, dtype=np.float32).reshape(2, 3), protocol=4)  # numpy._core names (numpy 2)
-    import io
-
     assert data.RestrictedUnpickler(io.BytesIO(blob)).load().tolist() == [[0, 1, 2], [3, 4, 5]]
     with pytest.raises(pickle.UnpicklingError, match="numpy.load"):
         data.RestrictedUnpickler(io.BytesIO(pickle.dumps(np.load, protocol=2))).load()
@@ -218,7 +217,9 @@ def test_thickness_grows_with_stroke_width():
     bars = torch.stack([_bar(w, 0.2) for w in (1, 2, 3, 5)])
     t = data.thickness(bars)
     assert (t.diff() > 0).all()
-    assert 2.5 < t[2] < 3.5  # about the width we drew
+    # an upright d-wide, L-long bar: area d L, perimeter 2 (L + d), so thickness d L / (L + d)
+    upright = data.thickness(torch.stack([_bar(w, 0.0) for w in (1, 3, 5)]))
+    assert torch.allclose(upright, torch.tensor([1 * 20 / 21, 3 * 20 / 23, 5 * 20 / 25]))
 
 
 def test_style_attributes_on_mnist(mnist_test):
@@ -228,7 +229,12 @@ def test_style_attributes_on_mnist(mnist_test):
     codes = data.standardize(attributes, mean, std)
     assert torch.allclose(codes.mean(0), torch.zeros(2), atol=1e-4) and torch.allclose(codes.std(0), torch.ones(2), atol=1e-4)
     assert torch.allclose(data.unstandardize(codes, mean, std), attributes, atol=1e-5)
-    # digits 1 are thin strokes; 0s and 8s carry more ink per unit length
-    labels = mnist_test[1][:2000]
-    assert attributes[labels == 1, 1].mean() < attributes[labels == 8, 1].mean()
+    # real digits: dilating the ink (a thicker pen) raises every thickness; shearing raises every slant
+    digits = data.to_unit_range(mnist_test[0][:200])
+    dilated = torch.nn.functional.max_pool2d(digits, 3, stride=1, padding=1)
+    assert (data.thickness(dilated) > data.thickness(digits)).all()
+    shear = torch.tensor([[1.0, 0.3, 0.0], [0.0, 1.0, 0.0]]).expand(200, 2, 3)  # output (u, v) samples input u + 0.3 v
+    grid = torch.nn.functional.affine_grid(shear, [200, 1, 28, 28], align_corners=False)
+    sheared = torch.nn.functional.grid_sample(digits + 1, grid, align_corners=False) - 1  # top moves right
+    assert (data.slant(sheared) > data.slant(digits) + 0.1).all()
     assert data.style_attributes(torch.zeros(3, 28, 28, dtype=torch.uint8)).abs().max() == 0  # empty images: 0

@@ -18,7 +18,7 @@ def classifier():
 
 @pytest.fixture(scope="module")
 def test_features(mnist_test, classifier):
-    return metrics.classifier_features(mnist_test[0], classifier)
+    return metrics.classifier_features(mnist_test[0][:3000], classifier)  # 3000 is plenty for 128-d statistics
 
 
 def test_shipped_classifier_is_pinned_and_small():
@@ -99,7 +99,7 @@ def test_conditional_accuracy_and_histogram(mnist_test, classifier):
 def test_bad_inputs_raise_value_error(classifier):
     with pytest.raises(ValueError, match=r"\(B, 1, 28, 28\)"):
         metrics.classifier_features(torch.zeros(4, 3, 28, 28), classifier)
-    with pytest.raises(ValueError, match=r"values in \[0, 255\]"):
+    with pytest.raises(ValueError, match=r"values in \[255, 255\].*to_unit_range"):
         metrics.classifier_features(torch.full((4, 1, 28, 28), 255.0), classifier)
     with pytest.raises(ValueError, match="shape"):
         metrics.predict(torch.zeros(4, 28, dtype=torch.uint8), classifier)

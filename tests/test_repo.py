@@ -33,7 +33,7 @@ NOTEBOOK_DIR = ROOT / "notebooks"
 # ---------------------------------------------------------------------------------------------------
 ANY = "any non-leaf module"
 LEAVES = {"plotting", "widgets"}  # nothing inside the package imports these; they may import the rest
-NETS = {"unet", "mlp", "gan", "nets"}  # networks never import schedules
+NETS = {"unet", "mlp", "gan", "nets", "baselines"}  # networks never import schedules
 
 ALLOWED_IMPORTS: dict[str, set[str] | str] = {
     "utils": set(),
@@ -43,7 +43,8 @@ ALLOWED_IMPORTS: dict[str, set[str] | str] = {
     "samplers": {"schedules", "utils"},
     "data": {"utils"},
     "unet": {"utils"},
-    "mlp": {"utils"},
+    "mlp": {"utils", "unet"},  # reuses the UNet's sinusoidal time embedding
+    "baselines": {"utils", "unet"},  # chapter 05's comparison nets, built from the UNet's blocks
     "gan": {"utils"},
     "nets": {"utils", "unet", "mlp", "gan"},
     "conditioning": {"utils"},

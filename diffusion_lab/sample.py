@@ -1,0 +1,284 @@
+"""Draw digits from a trained model: `generate` for notebooks, and the command line `python -m diffusion_lab.sample`.
+
+    python -m diffusion_lab.sample --checkpoint mnist-cond --n 2000 --labels cycle --steps 20 \\
+        --sampler dpm++2m --guidance 2 --seed 0 --out samples.npz --grid samples.png --evaluate
+
+writes `images` (uint8, N x 28 x 28) and `labels` (int64, N) to an .npz file, plus `meta` (a JSON string
+that records the checkpoint, its SHA-256, the sampler and every setting). `--checkpoint` takes a shipped
+name (its SHA-256 is verified before a weight is read) or a path to a training checkpoint.
+Introduced in chapter 06 (sampling); the style request (`--slant`, `--thickness`) is chapter 07's.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import data
+from .checkpoint import SHIPPED, CheckpointError, atomic_write_bytes, resolve_checkpoint, sha256_of
+from .conditioning import guided, style_code
+from .samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_dpm_solver_pp
+from .training import load_model
+
+NUM_CLASSES = 10
+LABEL_MODES = ("cycle", "random")
+
+
+def parse_labels(spec: str, n: int, seed: int = 0) -> torch.Tensor:
+    """The class labels of n samples (int64, (n,)) from a --labels string (chapter 06).
+
+    "cycle" -> 0, 1, ..., 9, 0, 1, ...; "random" -> uniform digits drawn with `seed`;
+    "7" -> all sevens; "3,5,8" -> 3, 5, 8, 3, 5, 8, ...
+    """
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
+    spec = str(spec).strip().lower()
+    if spec == "cycle":
+        return torch.arange(n, dtype=torch.long) % NUM_CLASSES
+    if spec == "random":
+        return torch.randint(0, NUM_CLASSES, (n,), generator=torch.Generator().manual_seed(seed + 1))
+    parts = [p.strip() for p in spec.split(",")]
+    if not parts or not all(p.isdigit() and int(p) < NUM_CLASSES for p in parts):
+        raise ValueError(f"--labels must be 'cycle', 'random', a digit 0-9 or a comma list such as 3,5,8; got {spec!r}")
+    digits = torch.tensor([int(p) for p in parts], dtype=torch.long)
+    return digits[torch.arange(n) % len(digits)]
+
+
+def style_request(config, slant: float | None = None, thickness: float | None = None, n: int = 1,
+                  device=None) -> torch.Tensor | None:
+    """The style code for a requested slant and stroke thickness (chapter 07), repeated n times, or None.
+
+    An attribute left out is set to the training data's mean (a standardised 0): "average thickness, this slant".
+    Codes more than 4 training standard deviations from the mean are refused: the model never saw such digits.
+    """
+    if slant is None and thickness is None:
+        return None
+    if not getattr(config, "style", False) or not config.style_mean:
+        raise ValueError("this checkpoint was trained without style codes; drop --slant/--thickness "
+                         "(train with --style 1 to use them)")
+    mean, std = config.style_mean, config.style_std
+    attributes = torch.tensor([[mean[0] if slant is None else slant, mean[1] if thickness is None else thickness]])
+    code = style_code(attributes, mean, std)
+    z = code[0, :2]
+    if (z.abs() > 4).any() or not torch.isfinite(z).all():
+        ranges = ", ".join(f"{name} {m - 3 * s:.2f}..{m + 3 * s:.2f}"
+                           for name, m, s in zip(data.STYLE_ATTRIBUTES, mean, std))
+        raise ValueError(f"style request (slant={slant}, thickness={thickness}) is far outside the training data "
+                         f"(about {ranges})")
+    return code.expand(n, -1).to(device)
+
+
+@torch.no_grad()
+def generate(model, schedule, labels: torch.Tensor | None, style: torch.Tensor | None = None, *, n: int | None = None,
+             sampler: str = "dpm++2m", steps: int = 20, guidance: float = 2.0, eta: float = 0.0, seed: int = 0,
+             batch_size: int = 500, prediction: str = "eps", bar=None, callback=None) -> torch.Tensor:
+    """Sample images as float (N, 1, 28, 28) in [-1, 1] on the CPU (chapter 06).
+
+    `model(x_t, t, labels, style)` is a coded UNet; classifier-free guidance with scale `guidance` (1 = plain
+    conditional) goes through `conditioning.guided`. With neither labels nor style the model is run
+    unconditionally (pass `n`) and guidance does not apply. All starting noise x_T comes from one CPU
+    generator seeded with `seed`, drawn before batching, so a deterministic sampler (ddim with eta=0,
+    dpm++2m) gives sample i the same x_T whatever the batch size. Stochastic samplers (ddpm, ddim with
+    eta > 0) draw their per-step noise from a second generator, in batch order.
+    `bar` is anything with .update(k) (a tqdm bar); `callback(step, x_t, x0_hat)` sees the first batch only.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    sizes = {len(c) for c in (labels, style) if c is not None} | ({n} if n is not None else set())
+    if len(sizes) != 1:
+        raise ValueError(f"generate(): give n or codes of one common length; got n={n}, "
+                         f"labels {None if labels is None else len(labels)}, style {None if style is None else len(style)}")
+    n = sizes.pop()
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+    if labels is None and style is None:
+        guidance = 1.0  # nothing to guide towards
+    device = next(model.parameters()).device
+    x_T_all = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    noise_generator = torch.Generator().manual_seed(seed + 2)
+    out = []
+    for start in range(0, n, batch_size):
+        stop = min(n, start + batch_size)
+        batch_labels = labels[start:stop].to(device) if labels is not None else None
+        batch_style = style[start:stop].to(device) if style is not None else None
+        denoiser = guided(model, batch_labels, batch_style, guidance, num_classes=NUM_CLASSES)
+        x_T = x_T_all[start:stop].to(device)
+        kwargs = dict(prediction=prediction, callback=callback if start == 0 else None)
+        if sampler == "ddpm":
+            x0 = sample_ddpm(denoiser, schedule, x_T, steps, generator=noise_generator, **kwargs)
+        elif sampler == "ddim":
+            x0 = sample_ddim(denoiser, schedule, x_T, steps, eta=eta, generator=noise_generator, **kwargs)
+        else:
+            x0 = sample_dpm_solver_pp(denoiser, schedule, x_T, steps, **kwargs)
+        out.append(x0.float().clamp(-1, 1).cpu())
+        if bar is not None:
+            bar.update(stop - start)
+    return torch.cat(out)
+
+
+def grid_image(images: np.ndarray, ncol: int = 10, pad: int = 2) -> np.ndarray:
+    """Tile uint8 (N, 28, 28) images into one uint8 picture, `ncol` per row, on a mid-grey background."""
+    n, h, w = images.shape
+    rows = math.ceil(n / ncol)
+    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad), 128, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+    return grid
+
+
+def save_png(path, grid: np.ndarray) -> None:
+    from PIL import Image  # pillow comes with matplotlib
+
+    buffer = io.BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def evaluate(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
+    """Conditional accuracy, and classifier-FID against N real test digits next to that of N real training digits
+    against the same test digits (the FID a perfect model would get at this N)."""
+    from . import metrics
+
+    n = len(images)
+    test_images, _ = data.mnist(train=False)
+    train_images, _ = data.mnist(train=True)
+    if n < 2:
+        raise ValueError("--evaluate needs at least 2 samples for FID")
+    g = torch.Generator().manual_seed(seed + 3)
+    test = test_images[torch.randperm(len(test_images), generator=g)[: min(n, len(test_images))]]
+    train = train_images[torch.randperm(len(train_images), generator=g)[:n]]
+    result = {"classifier_fid": metrics.classifier_fid(images, test),
+              "classifier_fid_real": metrics.classifier_fid(train, test), "n_real": len(test)}
+    if labels is not None and (labels >= 0).all():
+        result["conditional_accuracy"] = metrics.conditional_accuracy(images, labels)
+    return result
+
+
+# --- command line --------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    shipped = ", ".join(sorted(SHIPPED)) or "none yet"
+    p = argparse.ArgumentParser(
+        prog="python -m diffusion_lab.sample",
+        description="Draw digits from a trained diffusion model and save them as an .npz of uint8 images "
+                    "(N, 28, 28) and int64 labels (N,).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", default="mnist-cond",
+                   help=f"a shipped model name (SHA-256 verified; shipped: {shipped}) or a .safetensors path")
+    p.add_argument("--n", type=int, default=100, help="number of images")
+    p.add_argument("--labels", default="cycle",
+                   help="cycle (0..9 repeated), random, a digit, a comma list like 3,5,8, or none (unconditional model)")
+    p.add_argument("--sampler", default="dpm++2m", choices=sorted(SAMPLERS), help="sampling algorithm")
+    p.add_argument("--steps", type=int, default=20, help="sampler steps (= network evaluations, NFE)")
+    p.add_argument("--guidance", type=float, default=2.0,
+                   help="classifier-free guidance scale: 1 = plain conditional, 0 = unconditional, >1 = stronger")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the starting noise (and random labels)")
+    p.add_argument("--out", required=True, help="the .npz file to write")
+    p.add_argument("--grid", default=None, help="also write the first --grid-n images as a PNG grid here")
+    p.add_argument("--grid-n", type=int, default=100, help="how many images the grid shows (10 per row)")
+    p.add_argument("--batch-size", type=int, default=500, help="images per network batch")
+    p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or e.g. cpu, cuda:0")
+    p.add_argument("--slant", type=float, default=None, help="style request: slant (shear; 0 = upright, >0 leans right)")
+    p.add_argument("--thickness", type=float, default=None, help="style request: stroke width in pixels")
+    p.add_argument("--evaluate", action="store_true",
+                   help="print conditional accuracy and classifier-FID vs real test digits at the same N")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _check_args(args) -> None:
+    problems = []
+    if args.n < 1:
+        problems.append(f"--n must be at least 1, got {args.n}")
+    if args.steps < 1:
+        problems.append(f"--steps must be at least 1, got {args.steps}")
+    if args.batch_size < 1:
+        problems.append(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.grid_n < 1:
+        problems.append(f"--grid-n must be at least 1, got {args.grid_n}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        problems.append(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.eta < 0 or not math.isfinite(args.eta):
+        problems.append(f"--eta must be >= 0, got {args.eta}")
+    if args.eta > 0 and args.sampler != "ddim":
+        problems.append("--eta applies to --sampler ddim only")
+    if args.grid is not None and not args.grid.lower().endswith(".png"):
+        problems.append(f"--grid must name a .png file, got {args.grid!r}")
+    out_dir = Path(args.out).expanduser().resolve().parent
+    if not out_dir.is_dir():
+        problems.append(f"the folder of --out does not exist: {out_dir}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def run(args) -> dict:
+    _check_args(args)
+    path, expected_sha = resolve_checkpoint(args.checkpoint)
+    model, schedule, config = load_model(args.checkpoint, device=args.device)
+    if args.steps > schedule.T:
+        raise ValueError(f"--steps {args.steps} is more than the model's T={schedule.T} diffusion steps")
+    if args.labels.strip().lower() == "none":
+        if config.conditional:
+            raise ValueError("--labels none is for unconditional checkpoints; this one is class-conditional")
+        labels = None
+    elif not config.conditional:
+        raise ValueError("this checkpoint is unconditional: use --labels none")
+    else:
+        labels = parse_labels(args.labels, args.n, args.seed)
+    style = style_request(config, args.slant, args.thickness, args.n)
+
+    bar = tqdm(total=args.n, desc=f"{args.sampler} x{args.steps}", unit="img", disable=args.quiet, dynamic_ncols=True)
+    start = time.perf_counter()
+    images = generate(model, schedule, labels, style, n=args.n, sampler=args.sampler, steps=args.steps,
+                      guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
+                      prediction=config.objective, bar=bar)
+    seconds = time.perf_counter() - start
+    bar.close()
+    images_uint8 = data.from_unit_range(images)[:, 0]                         # (N, 28, 28) uint8
+    labels_out = labels if labels is not None else torch.full((args.n,), -1, dtype=torch.long)
+
+    meta = {"checkpoint": str(args.checkpoint), "file": str(path),
+            "sha256": expected_sha or sha256_of(path), "sha256_verified": expected_sha is not None,
+            "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "eta": args.eta,
+            "seed": args.seed, "n": args.n, "labels": args.labels, "slant": args.slant, "thickness": args.thickness,
+            "objective": config.objective, "schedule": config.schedule, "T": config.T,
+            "device": str(next(model.parameters()).device), "seconds": round(seconds, 3),
+            "ms_per_image": round(1000 * seconds / args.n, 3)}
+    buffer = io.BytesIO()
+    np.savez(buffer, images=images_uint8.numpy(), labels=labels_out.numpy().astype(np.int64),
+             meta=np.array(json.dumps(meta)))
+    atomic_write_bytes(args.out, buffer.getvalue())
+    summary = {"out": str(args.out), "n": args.n, "seconds": meta["seconds"], "ms_per_image": meta["ms_per_image"]}
+    if args.grid:
+        save_png(args.grid, grid_image(images_uint8[: args.grid_n].numpy()))
+        summary["grid"] = str(args.grid)
+    if args.evaluate:
+        summary.update({k: round(v, 5) if isinstance(v, float) else v
+                        for k, v in evaluate(images_uint8, labels, args.seed).items()})
+    return summary
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as err:
+        raise SystemExit(f"error: {err}")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

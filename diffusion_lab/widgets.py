@@ -1,0 +1,270 @@
+"""Interactive explorers for the chapters, built with ipywidgets. A leaf module: nothing imports it.
+
+ipywidgets is imported only when an explorer is built, so the package works without it. A static page
+(the built book) cannot run a widget, so every chapter shows a static figure beside each explorer.
+The drawing is done by plain functions (`forward_process_frame`, `schedule_frame`, `sequence_frame`) that
+return a matplotlib Figure; the explorers only wire a slider to them, and tests can call them directly.
+
+- `forward_process_explorer(schedule, x0)`: a slider over t showing x_t ~ q(x_t | x0) (chapter 02);
+- `schedule_explorer(schedules, x0)`: a slider over t/T comparing schedules side by side (chapter 03);
+- `image_sequence_explorer(frames)`: a slider over any list of image batches, e.g. a sampler's
+  callback frames (chapter 06 on).
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .plotting import image_grid, plot_schedules
+from .schedules import NoiseSchedule, q_sample
+
+
+def _ipywidgets():
+    try:
+        import ipywidgets
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("the interactive explorers need ipywidgets: pip install ipywidgets "
+                          "(the static figure next to each explorer shows the same content)") from err
+    return ipywidgets
+
+
+def _as_batch(x0: torch.Tensor) -> torch.Tensor:
+    x0 = torch.as_tensor(x0)
+    if x0.ndim == 3:
+        x0 = x0[:, None] if x0.shape[0] != 1 else x0[None]
+    if x0.ndim != 4 or x0.shape[1] != 1:
+        raise ValueError(f"x0 must be images (N, 1, H, W) in [-1, 1], got shape {tuple(x0.shape)}")
+    if not x0.is_floating_point():
+        raise ValueError("x0 must be float images in [-1, 1]; convert uint8 with diffusion_lab.data.to_unit_range")
+    return x0.float()
+
+
+def _check_schedule(schedule) -> NoiseSchedule:
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"expected a NoiseSchedule, got {type(schedule).__name__}")
+    return schedule
+
+
+def _show(output, fig) -> None:
+    """Replace what an Output widget shows by `fig`, then close it (pyplot must not keep every frame)."""
+    from IPython.display import display
+
+    with output:
+        output.clear_output(wait=True)
+        display(fig)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ drawing
+def forward_process_frame(schedule: NoiseSchedule, x0: torch.Tensor, t: int, eps: torch.Tensor | None = None,
+                          nrow: int | None = None):
+    """x_t for a batch x0 at one step t (left) and where t sits on the alpha_bar curve (right)."""
+    schedule, x0 = _check_schedule(schedule), _as_batch(x0)
+    if not 0 <= int(t) < schedule.T:
+        raise ValueError(f"t must lie in 0..{schedule.T - 1}, got {t}")
+    t = int(t)
+    eps = torch.randn_like(x0) if eps is None else eps
+    x_t = q_sample(schedule, x0, torch.full((len(x0),), t), eps)
+    fig, (ax_img, ax_curve) = plt.subplots(1, 2, figsize=(8, 3.4), gridspec_kw={"width_ratios": [1.3, 1]})
+    ax_img.imshow(image_grid(x_t, nrow), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax_img.set_axis_off()
+    alpha_bar_t, snr_t = schedule.alpha_bars[t].item(), schedule.snr[t].item()
+    ax_img.set_title(f"t = {t}:  alpha_bar_t = {alpha_bar_t:.3g},  SNR = {snr_t:.2g}", fontsize=9)
+    ax_curve.plot(np.arange(schedule.T), schedule.alpha_bars.numpy(), label="alpha_bar_t (signal kept)")
+    ax_curve.plot(np.arange(schedule.T), 1 - schedule.alpha_bars.numpy(), label="1 - alpha_bar_t (noise)")
+    ax_curve.axvline(t, color="k", lw=0.8)
+    ax_curve.set(xlabel="t", ylabel="variance", title=f"{schedule.name} schedule")
+    ax_curve.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def schedule_frame(schedules, fraction: float, x0: torch.Tensor | None = None, eps: torch.Tensor | None = None):
+    """The log-SNR curves with a marker at t/(T-1) = `fraction`, and, if x0 is given, x_t of that image
+    under each schedule at that point (same noise draw for all)."""
+    schedules = [_check_schedule(s) for s in schedules]
+    if not schedules:
+        raise ValueError("schedule_frame needs at least one schedule")
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    n_img = 0 if x0 is None else len(schedules)
+    fig = plt.figure(figsize=(9, 3.2))
+    grid = fig.add_gridspec(1, 2 + n_img, width_ratios=[1.6, 1.6] + [1] * n_img)
+    axes = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])]
+    plot_schedules(schedules, axes=axes)
+    for ax in axes:
+        ax.axvline(fraction, color="k", lw=0.8)
+    if x0 is not None:
+        x0 = _as_batch(x0)[:1]
+        eps = torch.randn_like(x0) if eps is None else eps[:1]
+        for i, s in enumerate(schedules):
+            t = round(fraction * (s.T - 1))
+            x_t = q_sample(s, x0, torch.tensor([t]), eps)
+            ax = fig.add_subplot(grid[0, 2 + i])
+            ax.imshow(image_grid(x_t, 1, pad=0), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_axis_off()
+            ax.set_title(f"{s.name}\nSNR={s.snr[t].item():.2g}", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def sequence_frame(frames, index: int, captions=None, nrow: int | None = None):
+    """Frame `index` of a list of image batches, as one grid with its caption."""
+    if not len(frames):
+        raise ValueError("no frames to show")
+    if not 0 <= index < len(frames):
+        raise ValueError(f"index must lie in 0..{len(frames) - 1}, got {index}")
+    if captions is not None and len(captions) != len(frames):
+        raise ValueError(f"{len(captions)} captions for {len(frames)} frames")
+    grid = image_grid(frames[index], nrow)
+    fig, ax = plt.subplots(figsize=(float(np.clip(grid.shape[1] / 25, 2, 8)), float(np.clip(grid.shape[0] / 25, 2, 8))))
+    ax.imshow(grid, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(captions[index] if captions is not None else f"frame {index}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------- explorers
+def forward_process_explorer(schedule: NoiseSchedule, x0: torch.Tensor, eps: torch.Tensor | None = None,
+                             generator: torch.Generator | None = None, nrow: int | None = None):
+    """A slider over t that shows x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps for the images x0
+    (N, 1, H, W) in [-1, 1] (chapter 02). One noise draw eps is kept fixed, so moving the slider changes
+    only the noise level. Returns the widget; display it, or let it be a cell's last expression."""
+    widgets = _ipywidgets()
+    schedule, x0 = _check_schedule(schedule), _as_batch(x0)
+    eps = torch.randn(x0.shape, generator=generator) if eps is None else eps
+    if eps.shape != x0.shape:
+        raise ValueError(f"eps has shape {tuple(eps.shape)} but x0 has {tuple(x0.shape)}")
+    slider = widgets.IntSlider(value=schedule.T // 4, min=0, max=schedule.T - 1, step=1, description="t",
+                               continuous_update=False, layout=widgets.Layout(width="500px"))
+    output = widgets.Output()
+
+    def redraw(change=None):
+        _show(output, forward_process_frame(schedule, x0, slider.value, eps, nrow))
+
+    slider.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([slider, output])
+
+
+def schedule_explorer(schedules, x0: torch.Tensor | None = None, eps: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None):
+    """A slider over t/(T-1) that marks the same point on every schedule's log-SNR curve and, if one image
+    x0 is given, shows it noised to that point under each schedule with one shared noise draw (chapter 03)."""
+    widgets = _ipywidgets()
+    schedules = [_check_schedule(s) for s in schedules]
+    if x0 is not None:
+        x0 = _as_batch(x0)[:1]
+        eps = torch.randn(x0.shape, generator=generator) if eps is None else eps
+    slider = widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.01, description="t/T",
+                                 continuous_update=False, layout=widgets.Layout(width="500px"))
+    output = widgets.Output()
+
+    def redraw(change=None):
+        _show(output, schedule_frame(schedules, slider.value, x0, eps))
+
+    slider.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([slider, output])
+
+
+def image_sequence_explorer(frames, captions=None, nrow: int | None = None):
+    """A slider over a list of image batches (each (N, 1, H, W) in [-1, 1] or uint8), e.g. the x_t or
+    x0_hat a sampler's callback collected. Returns the widget."""
+    widgets = _ipywidgets()
+    if not len(frames):
+        raise ValueError("no frames to show")
+    slider = widgets.IntSlider(value=0, min=0, max=len(frames) - 1, step=1, description="frame",
+                               continuous_update=False, layout=widgets.Layout(width="500px"))
+    output = widgets.Output()
+
+    def redraw(change=None):
+        _show(output, sequence_frame(frames, slider.value, captions, nrow))
+
+    slider.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([slider, output])
+
+
+# ------------------------------------------------------------------------------ chapter 07: style codes
+def _check_style_model(model, config) -> None:
+    if not getattr(config, "style", False) or getattr(model, "style_dim", 0) != 3:
+        raise ValueError("this explorer needs a model trained with style codes (TrainConfig.style=True), "
+                         "e.g. the shipped 'mnist-cond'")
+
+
+@torch.no_grad()
+def sample_style(model, schedule: NoiseSchedule, config, digit: int, slant: float, thickness: float,
+                 x_T: torch.Tensor, steps: int = 10, guidance: float = 2.0) -> torch.Tensor:
+    """One `digit` per noise in x_T (N, 1, 28, 28), drawn at the requested slant and stroke thickness, in the
+    units `data.slant` and `data.thickness` measure (shear per pixel, pixels) (chapter 07).
+
+    The request becomes a style code with the model's own standardisation (config.style_mean/std), and
+    classifier-free guidance with scale `guidance` pushes towards label and style together. DPM-Solver++(2M).
+    Returns float images (N, 1, 28, 28) in [-1, 1] on the CPU.
+    """
+    from .conditioning import guided, style_code
+    from .samplers import sample_dpm_solver_pp
+
+    _check_style_model(model, config)
+    if not 0 <= int(digit) <= 9:
+        raise ValueError(f"digit must be 0..9, got {digit}")
+    if thickness <= 0:
+        raise ValueError(f"stroke thickness is a width in pixels and must be positive, got {thickness}")
+    device = next(model.parameters()).device
+    n = len(x_T)
+    labels = torch.full((n,), int(digit), dtype=torch.long, device=device)
+    style = style_code(torch.tensor([[float(slant), float(thickness)]]).expand(n, 2),
+                       config.style_mean, config.style_std).to(device)
+    fn = guided(model, labels, style, guidance, num_classes=10)
+    x0 = sample_dpm_solver_pp(fn, schedule, x_T.to(device), steps=steps, prediction=config.objective)
+    return x0.clamp(-1, 1).cpu()
+
+
+def style_frame(model, schedule: NoiseSchedule, config, digit: int, slant: float, thickness: float, seed: int = 0,
+                n: int = 4, steps: int = 10, guidance: float = 2.0):
+    """`n` samples of `digit` at the requested slant and thickness (one noise draw per sample, fixed by `seed`),
+    titled with what was asked and what `data.slant` / `data.thickness` measure in the result (chapter 07)."""
+    from .data import slant as measure_slant
+    from .data import thickness as measure_thickness
+
+    x_T = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(int(seed)))
+    x0 = sample_style(model, schedule, config, digit, slant, thickness, x_T, steps, guidance)
+    got_slant, got_thickness = measure_slant(x0).mean().item(), measure_thickness(x0).mean().item()
+    fig, ax = plt.subplots(figsize=(1.2 * n + 1.5, 2.2))
+    ax.imshow(image_grid(x0, n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"digit {int(digit)}: asked slant {slant:+.2f}, thickness {thickness:.2f} px\n"
+                 f"measured (mean of {n}): slant {got_slant:+.2f}, thickness {got_thickness:.2f} px", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def style_explorer(model, schedule: NoiseSchedule, config, n: int = 4, steps: int = 10, guidance: float = 2.0):
+    """Sliders for the digit, its slant and its stroke thickness (and the noise seed): draw any digit in any
+    style the model learned (chapter 07). The slider ranges span the training data, mean +- 2.5 standard
+    deviations, from config.style_mean/std. Returns the widget; the chapter shows a static grid beside it."""
+    widgets = _ipywidgets()
+    _check_style_model(model, config)
+    (slant_mean, thick_mean), (slant_std, thick_std) = config.style_mean, config.style_std
+    wide = widgets.Layout(width="420px")
+    digit = widgets.IntSlider(value=3, min=0, max=9, description="digit", continuous_update=False, layout=wide)
+    seed = widgets.IntSlider(value=0, min=0, max=99, description="noise seed", continuous_update=False, layout=wide)
+    slant = widgets.FloatSlider(value=round(slant_mean, 2), min=round(slant_mean - 2.5 * slant_std, 2),
+                                max=round(slant_mean + 2.5 * slant_std, 2), step=0.01, readout_format="+.2f",
+                                description="slant", continuous_update=False, layout=wide)
+    thickness = widgets.FloatSlider(value=round(thick_mean, 2), min=round(max(0.3, thick_mean - 2.5 * thick_std), 2),
+                                    max=round(thick_mean + 2.5 * thick_std, 2), step=0.01, readout_format=".2f",
+                                    description="thickness", continuous_update=False, layout=wide)
+    output = widgets.Output()
+
+    def redraw(change=None):
+        _show(output, style_frame(model, schedule, config, digit.value, slant.value, thickness.value, seed.value,
+                                  n, steps, guidance))
+
+    for control in (digit, seed, slant, thickness):
+        control.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([widgets.HBox([digit, seed]), widgets.HBox([slant, thickness]), output])

@@ -14,6 +14,9 @@ each model needs to reach a fixed FID, and its spread over seeds.
 Run from the repository root:
     python benchmarks/gan_vs_diffusion.py --preset full --out benchmarks/results/gan_vs_diffusion.json
     python benchmarks/gan_vs_diffusion.py --preset smoke --out /tmp/gvd.json      # seconds, any machine
+    # the stored CPU measurement: one single-threaded process per seed, side by side, then merged
+    for s in 0 1 2; do python benchmarks/gan_vs_diffusion.py --preset cpu --threads 1 --seeds $s --out /tmp/cpu$s.json & done; wait
+    python benchmarks/gan_vs_diffusion.py --merge /tmp/cpu0.json /tmp/cpu1.json /tmp/cpu2.json --out benchmarks/results/gan_vs_diffusion.json
 Chapter 01 imports this file to run a small version live, and plots the JSON it writes.
 """
 from __future__ import annotations
@@ -44,8 +47,8 @@ PRESETS = {
                   unet_channels=[8, 16, 16], batch_size=32, n_hist=100, n_cost=50),
     "demo": dict(budget_s=8.0, evals=3, seeds=[0, 1, 2], n_fid=300, ddim_steps=10, gan_width=32,
                  unet_channels=[16, 32, 32], batch_size=64, n_hist=300, n_cost=200),
-    "cpu": dict(budget_s=300.0, evals=6, seeds=[0, 1, 2], n_fid=500, ddim_steps=20, gan_width=32,
-                unet_channels=[16, 32, 32], batch_size=64, n_hist=1000, n_cost=200),
+    "cpu": dict(budget_s=150.0, evals=5, seeds=[0, 1, 2], n_fid=500, ddim_steps=20, gan_width=32,
+                unet_channels=[16, 32, 32], batch_size=64, n_hist=500, n_cost=100),
     "full": dict(budget_s=40.0, evals=10, seeds=[0, 1, 2], n_fid=2000, ddim_steps=50, gan_width=64,
                  unet_channels=[32, 64, 64], batch_size=128, n_hist=1000, n_cost=1000),
 }
@@ -297,26 +300,51 @@ def compare(preset: str = "demo", device=None, classifier=None, progress: bool =
     }
 
 
+def merge(parts: list[dict]) -> dict:
+    """One result from runs of the same preset over different seeds (e.g. one process per seed)."""
+    first = parts[0]
+    for part in parts[1:]:
+        same = {k: v for k, v in part["config"].items() if k != "seeds"} == {k: v for k, v in first["config"].items() if k != "seeds"}
+        if not same or part.get("classifier_sha256") != first.get("classifier_sha256"):
+            raise ValueError("can only merge results of the same preset, config and classifier")
+    merged = {**first, "runs": {name: sorted((r for p in parts for r in p["runs"][name]), key=lambda r: r["seed"])
+                                for name in first["runs"]}}
+    merged["config"] = {**first["config"], "seeds": sorted(s for p in parts for s in p["config"]["seeds"])}
+    merged["parts"] = [{"command": p.get("command"), "seeds": p["config"]["seeds"], "total_wall_s": p.get("total_wall_s"),
+                        "machine": p["machine"]} for p in parts]
+    merged["total_wall_s"] = max(p.get("total_wall_s", 0) for p in parts)  # the parts ran side by side
+    return merged
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--out", required=True, help="where to write the JSON results")
     p.add_argument("--device", default="auto")
     p.add_argument("--budget-s", type=float, help="training seconds per run (overrides the preset)")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (overrides the preset), e.g. one per process")
     p.add_argument("--classifier", default=metrics.CLASSIFIER_NAME, help="a shipped name or a .safetensors path")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these result files (one per seed) into --out")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        result = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        out.write_text(json.dumps(result, separators=(",", ":")))
+        print(f"merged {len(args.merge)} files into {out}")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"budget_s": args.budget_s} if args.budget_s else {}
+    if args.seeds:
+        overrides["seeds"] = args.seeds
     device = get_device(None if args.device == "auto" else args.device)
     t0 = time.perf_counter()
     result = compare(args.preset, device, metrics.load_classifier(device, args.classifier), **overrides)
     result["total_wall_s"] = round(time.perf_counter() - t0, 1)
     result["classifier_sha256"] = checkpoint.sha256_of(checkpoint.resolve_checkpoint(args.classifier)[0])
     result["command"] = "python benchmarks/gan_vs_diffusion.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, separators=(",", ":")))
     print(f"wrote {out} in {result['total_wall_s']} s")
 

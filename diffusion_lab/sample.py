@@ -79,7 +79,8 @@ def style_request(config, slant: float | None = None, thickness: float | None = 
 @torch.no_grad()
 def generate(model, schedule, labels: torch.Tensor | None, style: torch.Tensor | None = None, *, n: int | None = None,
              sampler: str = "dpm++2m", steps: int = 20, guidance: float = 2.0, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 500, prediction: str = "eps", bar=None, callback=None) -> torch.Tensor:
+             batch_size: int = 500, prediction: str = "eps", clip_x0: float | None = None, bar=None,
+             callback=None) -> torch.Tensor:
     """Sample images as float (N, 1, 28, 28) in [-1, 1] on the CPU (chapter 06).
 
     `model(x_t, t, labels, style)` is a coded UNet; classifier-free guidance with scale `guidance` (1 = plain
@@ -88,7 +89,8 @@ def generate(model, schedule, labels: torch.Tensor | None, style: torch.Tensor |
     generator seeded with `seed`, drawn before batching, so a deterministic sampler (ddim with eta=0,
     dpm++2m) gives sample i the same x_T whatever the batch size. Stochastic samplers (ddpm, ddim with
     eta > 0) draw their per-step noise from a second generator, in batch order.
-    `bar` is anything with .update(k) (a tqdm bar); `callback(step, x_t, x0_hat)` sees the first batch only.
+    `clip_x0` clamps each x0_hat to [-clip_x0, clip_x0] (see `samplers.predict`). `bar` is anything with
+    .update(k) (a tqdm bar); `callback(step, x_t, x0_hat)` sees the first batch only.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
@@ -113,7 +115,7 @@ def generate(model, schedule, labels: torch.Tensor | None, style: torch.Tensor |
         batch_style = style[start:stop].to(device) if style is not None else None
         denoiser = guided(model, batch_labels, batch_style, guidance, num_classes=NUM_CLASSES)
         x_T = x_T_all[start:stop].to(device)
-        kwargs = dict(prediction=prediction, callback=callback if start == 0 else None)
+        kwargs = dict(prediction=prediction, clip_x0=clip_x0, callback=callback if start == 0 else None)
         if sampler == "ddpm":
             x0 = sample_ddpm(denoiser, schedule, x_T, steps, generator=noise_generator, **kwargs)
         elif sampler == "ddim":
@@ -184,6 +186,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=2.0,
                    help="classifier-free guidance scale: 1 = plain conditional, 0 = unconditional, >1 = stronger")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
+    p.add_argument("--clip-x0", type=float, default=None,
+                   help="clamp the predicted clean image to [-C, C] at every step (default: no clamp)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the starting noise (and random labels)")
     p.add_argument("--out", required=True, help="the .npz file to write")
     p.add_argument("--grid", default=None, help="also write the first --grid-n images as a PNG grid here")
@@ -212,6 +216,8 @@ def _check_args(args) -> None:
         problems.append(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.eta < 0 or not math.isfinite(args.eta):
         problems.append(f"--eta must be >= 0, got {args.eta}")
+    if args.clip_x0 is not None and not (args.clip_x0 > 0 and math.isfinite(args.clip_x0)):
+        problems.append(f"--clip-x0 must be a positive number, got {args.clip_x0}")
     if args.eta > 0 and args.sampler != "ddim":
         problems.append("--eta applies to --sampler ddim only")
     if args.grid is not None and not args.grid.lower().endswith(".png"):
@@ -243,7 +249,7 @@ def run(args) -> dict:
     start = time.perf_counter()
     images = generate(model, schedule, labels, style, n=args.n, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                      prediction=config.objective, bar=bar)
+                      prediction=config.objective, clip_x0=args.clip_x0, bar=bar)
     seconds = time.perf_counter() - start
     bar.close()
     images_uint8 = data.from_unit_range(images)[:, 0]                         # (N, 28, 28) uint8
@@ -252,6 +258,7 @@ def run(args) -> dict:
     meta = {"checkpoint": str(args.checkpoint), "file": str(path),
             "sha256": expected_sha or sha256_of(path), "sha256_verified": expected_sha is not None,
             "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "eta": args.eta,
+            "clip_x0": args.clip_x0,
             "seed": args.seed, "n": args.n, "labels": args.labels, "slant": args.slant, "thickness": args.thickness,
             "objective": config.objective, "schedule": config.schedule, "T": config.T,
             "device": str(next(model.parameters()).device), "seconds": round(seconds, 3),

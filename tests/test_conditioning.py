@@ -143,3 +143,57 @@ def test_guided_unet_runs_with_class_and_style_codes():
     with torch.no_grad():
         out = guided(net, torch.tensor([1, 8]), style, 2.0)(x_t, t)
     assert out.shape == x_t.shape and torch.isfinite(out).all()
+
+
+# ------------------------------------------------------------- the chapter 07 style explorer (widgets.py)
+def _style_model():
+    from diffusion_lab.training import TrainConfig, build_model, build_schedule
+
+    config = TrainConfig(channels=(8, 16, 16), attention=False, style=True, T=50, style_mean=[0.1, 2.0],
+                         style_std=[0.3, 0.5])
+    torch.manual_seed(0)
+    return build_model(config).eval(), build_schedule(config), config
+
+
+def test_sample_style_and_style_frame():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffusion_lab import widgets
+
+    model, schedule, config = _style_model()
+    x_T = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x0 = widgets.sample_style(model, schedule, config, 4, 0.3, 2.5, x_T, steps=2, guidance=2.0)
+    assert x0.shape == (3, 1, 28, 28) and x0.min() >= -1 and x0.max() <= 1
+    fig = widgets.style_frame(model, schedule, config, 4, 0.3, 2.5, seed=1, n=2, steps=2)
+    title = fig.axes[0].get_title()
+    assert "digit 4" in title and "asked slant +0.30" in title and "measured" in title
+    plt.close(fig)
+    with pytest.raises(ValueError, match="digit"):
+        widgets.sample_style(model, schedule, config, 12, 0.0, 2.0, x_T, steps=2)
+    with pytest.raises(ValueError, match="positive"):
+        widgets.sample_style(model, schedule, config, 1, 0.0, 0.0, x_T, steps=2)
+    config.style = False
+    with pytest.raises(ValueError, match="style codes"):
+        widgets.sample_style(model, schedule, config, 1, 0.0, 2.0, x_T, steps=2)
+
+
+def test_style_explorer_builds_and_reacts():
+    pytest.importorskip("ipywidgets")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from diffusion_lab import widgets
+
+    model, schedule, config = _style_model()
+    box = widgets.style_explorer(model, schedule, config, n=2, steps=2)
+    (digit, seed), (slant, thickness) = box.children[0].children, box.children[1].children
+    assert slant.min < config.style_mean[0] < slant.max and thickness.min > 0
+    assert thickness.max == pytest.approx(config.style_mean[1] + 2.5 * config.style_std[1], abs=0.01)
+    digit.value = 7        # each change redraws; none may raise
+    slant.value = slant.max
+    plt.close("all")

@@ -47,11 +47,13 @@ ATOL = 1e-4
 
 
 class ExactDenoiser:
-    """eps_hat(x_t, t) of the posterior mean E[x0 | x_t] when the data are the K points `data` (K, *shape)."""
+    """The Bayes-optimal denoiser when the data are the K points `data` (K, *shape): x0_hat = E[x0 | x_t],
+    returned as eps_hat (prediction="eps"), x0_hat ("x0") or v_hat ("v")."""
 
-    def __init__(self, schedule: NoiseSchedule, data: torch.Tensor):
+    def __init__(self, schedule: NoiseSchedule, data: torch.Tensor, prediction: str = "eps"):
         self.alpha_bars = schedule.alpha_bars
         self.data = data
+        self.prediction = prediction
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         alpha_bar_t = self.alpha_bars[t.long().cpu()].to(x_t.dtype).view(-1, *[1] * (x_t.ndim - 1))
@@ -61,7 +63,12 @@ class ExactDenoiser:
         dist2 = ((flat[:, None, :] - a.sqrt()[:, None] * centres[None]) ** 2).sum(-1)  # (B, K)
         weights = torch.softmax(-dist2 / (2 * (1 - a)), dim=1)     # posterior over the K points
         x0_hat = (weights @ centres).view_as(x_t)
-        return (x_t - alpha_bar_t.sqrt() * x0_hat) / (1 - alpha_bar_t).sqrt()
+        eps_hat = (x_t - alpha_bar_t.sqrt() * x0_hat) / (1 - alpha_bar_t).sqrt()
+        if self.prediction == "x0":
+            return x0_hat
+        if self.prediction == "v":
+            return alpha_bar_t.sqrt() * eps_hat - (1 - alpha_bar_t).sqrt() * x0_hat
+        return eps_hat
 
 
 def random_unet(seed: int = 0) -> UNet:
@@ -78,12 +85,16 @@ def unet_denoiser(net: UNet):
     return lambda x_t, t: net(x_t.float(), t).to(x_t.dtype)
 
 
-def make_problem(name: str, shape=(3, 1, 4, 4), dtype=torch.float64):
+def make_problem(name: str, shape=(3, 1, 4, 4), dtype=torch.float64, prediction="eps"):
     schedule = NoiseSchedule.from_name(name, T=1000)
     g = torch.Generator().manual_seed(1)
     data = torch.randn(5, *shape[1:], generator=g, dtype=dtype).clamp(-1, 1)
     x_T = torch.randn(shape, generator=g, dtype=dtype)
-    return schedule, ExactDenoiser(schedule, data), x_T
+    return schedule, ExactDenoiser(schedule, data, prediction), x_T
+
+
+# our name for what the network predicts -> diffusers' prediction_type
+PREDICTION_TYPE = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
 
 
 def recorder():
@@ -245,6 +256,58 @@ def test_ddpm_posterior_mean_matches_diffusers_per_step(name):
         noise = variance.sqrt() * z if t > 0 else 0.0
         worst = max(worst, (mean - (out.prev_sample - noise)).abs().max().item())
     assert worst < ATOL, f"posterior means differ by up to {worst:.2e}"
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_other_network_targets_match_diffusers(prediction):
+    """A network that predicts v (Salimans & Ho 2022) or x0: same trajectories for all three samplers."""
+    schedule, model, x_T = make_problem("cosine", prediction=prediction)
+    kind = PREDICTION_TYPE[prediction]
+    ours, callback = recorder()
+    sample_ddim(model, schedule, x_T, steps=10, prediction=prediction, callback=callback)
+    _, theirs = diffusers_loop(ddim_scheduler(schedule, prediction_type=kind), model, x_T, 10, lambda i: {"eta": 0.0})
+    assert_same_trajectory(ours, theirs)
+    ours, callback = recorder()
+    sample_dpm_solver_pp(model, schedule, x_T, steps=10, prediction=prediction, callback=callback)
+    _, theirs = diffusers_loop(dpm_scheduler(schedule, prediction_type=kind), model, x_T, 10)
+    assert_same_trajectory(ours, theirs, check_x0=False)
+    x32 = x_T.float()
+    ours, callback = recorder()
+    sample_ddpm(model, schedule, x32, steps=10, prediction=prediction, generator=torch.Generator().manual_seed(5),
+                callback=callback)
+    g = torch.Generator().manual_seed(5)
+    _, theirs = diffusers_loop(ddpm_scheduler(schedule, prediction_type=kind), model, x32, 10, lambda i: {"generator": g})
+    assert_same_trajectory(ours, theirs)
+
+
+def test_clip_x0_matches_diffusers_clip_sample():
+    """clip_x0=1 clamps x0_hat and re-derives eps_hat from it: diffusers' clip_sample=True with, for DDIM,
+    use_clipped_model_output=True. The denoiser here is deliberately off (it overshoots x0 by 3x) so that
+    the clamp is active at many steps."""
+    schedule, exact, x_T = make_problem("linear")
+
+    def model(x_t, t):  # eps of an x0_hat three times too large
+        alpha_bar_t = schedule.alpha_bars[t.long()].to(x_t.dtype).view(-1, 1, 1, 1)
+        x0_hat = 3 * x0_from_eps(x_t, exact(x_t, t), alpha_bar_t)
+        return (x_t - alpha_bar_t.sqrt() * x0_hat) / (1 - alpha_bar_t).sqrt()
+
+    ours, callback = recorder()
+    sample_ddim(model, schedule, x_T, steps=10, clip_x0=1.0, callback=callback)
+    _, theirs = diffusers_loop(ddim_scheduler(schedule, clip_sample=True, clip_sample_range=1.0), model, x_T, 10,
+                               lambda i: {"eta": 0.0, "use_clipped_model_output": True})
+    assert_same_trajectory(ours, theirs)
+    assert max(x0.abs().max().item() for _, x0 in ours) <= 1.0
+    unclipped, callback = recorder()
+    sample_ddim(model, schedule, x_T, steps=10, callback=callback)
+    assert max_gap(ours, unclipped) > 10 * ATOL  # the clamp did something
+    x32 = x_T.float()
+    ours, callback = recorder()
+    sample_ddpm(model, schedule, x32, steps=10, clip_x0=1.0, generator=torch.Generator().manual_seed(5),
+                callback=callback)
+    g = torch.Generator().manual_seed(5)
+    _, theirs = diffusers_loop(ddpm_scheduler(schedule, clip_sample=True, clip_sample_range=1.0), model, x32, 10,
+                               lambda i: {"generator": g})
+    assert_same_trajectory(ours, theirs)
 
 
 def test_float32_table_is_the_only_difference():

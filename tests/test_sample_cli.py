@@ -102,6 +102,16 @@ def test_deterministic_samplers_do_not_depend_on_the_batch_size(ckpt, tmp_path):
     assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+def test_clip_x0_keeps_the_prediction_in_range(ckpt, tmp_path):
+    common = ["--checkpoint", ckpt, "--n", 4, "--steps", 3, "--sampler", "ddim"]
+    run_cli(*common, "--out", tmp_path / "a.npz")
+    run_cli(*common, "--clip-x0", 0.5, "--out", tmp_path / "b.npz")
+    a, b = load(tmp_path / "a.npz"), load(tmp_path / "b.npz")
+    assert json.loads(str(b["meta"]))["clip_x0"] == 0.5
+    # the last step returns x0_hat itself, so with clip 0.5 no pixel can exceed (0.5 + 1) * 127.5
+    assert b["images"].max() <= round(1.5 * 127.5) and not np.array_equal(a["images"], b["images"])
+
+
 def test_style_request_changes_the_images(ckpt, tmp_path):
     common = ["--checkpoint", ckpt, "--n", 4, "--steps", 3, "--labels", "3"]
     run_cli(*common, "--out", tmp_path / "a.npz")
@@ -153,6 +163,7 @@ def test_grid_image_layout():
     (["--labels", "11"], "--labels must be"),
     (["--guidance", "-1"], "--guidance"),
     (["--eta", "0.5"], "--eta applies to --sampler ddim only"),
+    (["--clip-x0", "0"], "--clip-x0 must be a positive number"),
     (["--grid", "x.jpg"], "--grid must name a .png"),
     (["--slant", "9"], "far outside the training data"),
     (["--labels", "none"], "unconditional checkpoints"),

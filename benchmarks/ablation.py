@@ -1,0 +1,167 @@
+"""Which levers of this repo's MNIST recipe pay? Short trainings for the same wall-clock budget, each changing
+one lever from the baseline (diffusion_lab.training.TrainConfig's defaults), scored the same way.
+
+Levers (`--variants`; the baseline always runs first):
+  min_snr        min-SNR-5 loss weighting (Hang et al. 2023)          weighting="min_snr"
+  eps            eps- instead of v-prediction                          objective="eps"
+  linear         linear instead of cosine noise schedule               schedule="linear"
+  no_ema         sample with the raw weights (no EMA)                  ema_decay=0
+  no_attention   no self-attention at 7x7                              attention=False
+  channels_last  channels-last memory format                           channels_last=True
+  bf16           bf16 autocast (pays on CPUs with AVX512-BF16 or AMX)  amp="bf16"
+  compile        torch.compile (its compile time counts)               compile=True      (not in the default list)
+  constant_lr    no cosine decay after warm-up                         lr_decay="constant" (not in the default list)
+Each run trains for `--minutes` of wall clock including a short step-time calibration (see
+_common.train_for_budget), then draws `--n-eval` digits with deterministic DDIM (`--sample-steps` steps,
+guidance 1.0, the same starting noise for every run) and measures classifier-FID against the 10,000 real test
+digits and conditional accuracy with the shipped classifier. A lever is worth keeping when it lowers FID (or
+raises img/s at equal FID) by more than the spread between seeds (`--seeds`).
+
+Run from the repository root (8 levers x (5 min + about 1 min of sampling) on a 2-core CPU):
+    python benchmarks/ablation.py --minutes 5 --n-eval 1000
+writes benchmarks/results/ablation.json and .md; chapter 08 shows the table.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import (RESULTS, Judge, command_line, fmt, load_average, machine_info,  # noqa: E402
+                     machine_line, markdown_table, real_floor, sample_images, smoke_line, train_for_budget,
+                     rerender, write_placeholder, write_results)
+
+from diffusion_lab import data, metrics  # noqa: E402
+from diffusion_lab.conditioning import guided  # noqa: E402
+from diffusion_lab.training import TrainConfig  # noqa: E402
+from diffusion_lab.utils import get_device  # noqa: E402
+
+VARIANTS = {
+    "baseline": ("TrainConfig defaults", {}),
+    "min_snr": ("min-SNR-5 weighting", {"weighting": "min_snr", "min_snr_gamma": 5.0}),
+    "eps": ("eps-prediction", {"objective": "eps"}),
+    "linear": ("linear schedule", {"schedule": "linear"}),
+    "no_ema": ("no EMA", {"ema_decay": 0.0}),
+    "no_attention": ("no attention", {"attention": False}),
+    "channels_last": ("channels-last", {"channels_last": True}),
+    "bf16": ("bf16 autocast", {"amp": "bf16"}),
+    "compile": ("torch.compile", {"compile": True}),
+    "constant_lr": ("constant lr after warm-up", {"lr_decay": "constant"}),
+}
+DEFAULT_VARIANTS = ["min_snr", "eps", "linear", "no_ema", "no_attention", "channels_last", "bf16"]
+HEADLINE = {"minutes": 5.0, "n_eval": 1000}
+TITLE = "Ablation: one lever at a time"
+HEADLINE_COMMAND = "python benchmarks/ablation.py --minutes 5 --n-eval 1000"
+
+
+def render(result: dict) -> str:
+    lines = [f"**Ablation: one lever at a time, {fmt(result['minutes'])} min of training each (calibration "
+             f"included), DDIM {result['sample_steps']} steps, guidance 1, {result['n_eval']} samples.**", "",
+             machine_line(result["machine"]), ""]
+    if result["smoke"]:
+        lines += [smoke_line(f"{fmt(result['minutes'])} min, n-eval {result['n_eval']}",
+                             HEADLINE_COMMAND), ""]
+    rows = [[r["variant"], r["lever"], r["seed"], r["steps"], r["images_seen"], round(r["images_per_s"], 1),
+             r["classifier_fid"], r["conditional_accuracy"], r["fid_vs_baseline"], r["images_per_s_vs_baseline"]]
+            for r in result["rows"]]
+    lines += [markdown_table(["variant", "lever", "seed", "steps", "images seen", "train img/s", "classifier-FID ↓",
+                              "cond. accuracy ↑", "FID / baseline's", "img/s / baseline's"], rows), ""]
+    lines += [f"Baseline: `{result['baseline_summary']}`. Floor: {result['n_eval']} real training digits score "
+              f"classifier-FID {fmt(result['floor_fid'])}. Ratios compare with the baseline of the same seed.", "",
+              f"Command: `{result['command']}`"]
+    return "\n".join(lines)
+
+
+def parser() -> argparse.ArgumentParser:
+    d = TrainConfig()
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--minutes", type=float, default=HEADLINE["minutes"], help="training wall clock per run")
+    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=[v for v in VARIANTS if v != "baseline"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--n-eval", type=int, default=HEADLINE["n_eval"])
+    p.add_argument("--n-reference", type=int, default=0, help="real test digits for FID (0: all 10,000)")
+    p.add_argument("--sample-steps", type=int, default=20)
+    p.add_argument("--max-steps", type=int, default=None, help="cap every run at this many steps (tests)")
+    p.add_argument("--calibrate-steps", type=int, default=10,
+                   help="throw-away steps timed first to fit the lr schedule (capped at 5%% of the budget)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--rerender", action="store_true", help="only rewrite the markdown from the JSON at --out")
+    p.add_argument("--placeholder", action="store_true",
+                   help="write only a 'not yet measured on this machine' markdown note and exit")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--classifier", default=metrics.CLASSIFIER_NAME)
+    p.add_argument("--out", default=str(RESULTS / "ablation.json"))
+    g = p.add_argument_group("the baseline (defaults: diffusion_lab.training.TrainConfig)")
+    g.add_argument("--channels", type=int, nargs=3, default=list(d.channels))
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    return p
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
+    if args.rerender:
+        return {"markdown": str(rerender(args.out, render))}
+    if args.placeholder:
+        return {"placeholder": str(write_placeholder(args.out, TITLE, HEADLINE_COMMAND))}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    machine = machine_info()
+    device = get_device(None if args.device == "auto" else args.device)
+    t_start = time.perf_counter()
+    images, labels = data.mnist(train=True)
+    test_images, _ = data.mnist(train=False)
+    judge = Judge(metrics.load_classifier(device, args.classifier),
+                  test_images[:args.n_reference] if args.n_reference else test_images)
+    base = TrainConfig(channels=tuple(args.channels), batch_size=args.batch_size, device=str(device), log_every=10,
+                       ckpt_every=10**9)
+
+    rows = []
+    for seed in args.seeds:
+        for name in ["baseline", *[v for v in args.variants if v != "baseline"]]:
+            lever, overrides = VARIANTS[name]
+            config = replace(base, seed=seed, **overrides)
+            load = load_average()
+            run = train_for_budget(config, args.minutes, images, labels, args.calibrate_steps, args.max_steps)
+            s = sample_images(lambda lab, ema=run["ema"]: guided(ema, lab, None, scale=1.0, num_classes=10),
+                              run["schedule"],
+                              args.n_eval, args.sample_steps, config.objective, device, sampler="ddim", seed=seed)
+            rows.append({"variant": name, "lever": lever, "seed": seed, "steps": run["step"],
+                         "images_seen": run["images_seen"], "images_per_s": run["images_per_s"],
+                         "train_s": run["total_elapsed_s"], **judge.score(s["images"], s["labels"]),
+                         "sampling_s_per_image": s["seconds_per_image"],
+                         "load_average_start": " / ".join(map(str, load or []))})
+            print(rows[-1], flush=True)
+    for r in rows:
+        b = next(x for x in rows if x["variant"] == "baseline" and x["seed"] == r["seed"])
+        r["fid_vs_baseline"] = r["classifier_fid"] / b["classifier_fid"] if b["classifier_fid"] else None
+        r["images_per_s_vs_baseline"] = r["images_per_s"] / b["images_per_s"]
+
+    summary = {}
+    for name in dict.fromkeys(r["variant"] for r in rows):
+        fids = [r["classifier_fid"] for r in rows if r["variant"] == name]
+        summary[name] = {"fid_mean": statistics.fmean(fids), "fid_spread": max(fids) - min(fids), "seeds": len(fids)}
+    result = {"benchmark": "ablation", "command": command_line("ablation.py", argv), "machine": machine,
+              "minutes": args.minutes, "n_eval": args.n_eval, "n_reference": judge.n_reference,
+              "sample_steps": args.sample_steps, "seeds": args.seeds, "max_steps": args.max_steps,
+              "smoke": (args.minutes < HEADLINE["minutes"] or args.n_eval < HEADLINE["n_eval"] or bool(args.max_steps)
+                        or bool(args.n_reference)),
+              "baseline_summary": (f"channels {tuple(base.channels)}, {base.objective}-prediction, {base.schedule} "
+                                   f"schedule, AdamW lr {base.lr:g}, warm-up {base.warmup}, {base.lr_decay} decay, "
+                                   f"EMA {base.ema_decay}, batch {base.batch_size}, attention "
+                                   f"{'on' if base.attention else 'off'}, amp {base.amp}"),
+              "floor_fid": real_floor(judge, args.n_eval), "rows": rows, "summary": summary,
+              "load_average_end": load_average(), "total_wall_s": time.perf_counter() - t_start}
+    json_path, md_path = write_results(args.out, result, render(result))
+    print(f"wrote {json_path} and {md_path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Render the GPU throughput measured by benchmarks/gpu_run.py (its `throughput` phase) as markdown.
+
+The JSON is the file gpu_run.py wrote, copied unchanged to benchmarks/results/gpu_h200_throughput.json. What it
+measured (see `phase_throughput` in gpu_run.py): one training step of diffusion_lab's default UNet (channels
+(32, 64, 64), one block per level, attention at 7x7, class label and style code) at batch 512 — the diffusion
+loss, backward, AdamW; no EMA or gradient clipping — timed over 40 steps after 5 warm-up steps, in fp32 eager,
+bf16-autocast eager and bf16 autocast with torch.compile.
+
+    python benchmarks/render_gpu.py      # writes benchmarks/results/gpu_h200_throughput.md
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, markdown_table  # noqa: E402
+
+NOT_MEASURED = "Launch to 99% conditional accuracy on the H200 was not measured in this session."
+
+
+def render(result: dict, source: str) -> str:
+    rows = result["rows"]
+    base = next((r for r in rows if r["amp"] == "none" and not r["compile"]), rows[0])
+    table = [["fp32" if r["amp"] == "none" else r["amp"], "torch.compile" if r["compile"] else "eager", r["batch"],
+              r["ms_per_step"], r["images_per_s"], r["images_per_s"] / base["images_per_s"], r["warmup_s"]]
+             for r in rows]
+    return "\n".join([
+        f"**GPU training throughput: {result.get('gpu') or 'unknown GPU'}, torch {result.get('torch')}, "
+        f"python {result.get('python')}.**", "",
+        "One training step of this repo's default UNet (channels (32, 64, 64), attention at 7x7, class label and "
+        "style code): loss, backward and AdamW at the batch below, measured by "
+        "`benchmarks/gpu_run.py --phases throughput` (40 timed steps after 5 warm-up steps; the warm-up column "
+        "includes torch.compile's compile time).", "",
+        markdown_table(["precision", "mode", "batch", "ms / step", "img/s", "img/s vs fp32 eager", "warm-up s"], table),
+        "", NOT_MEASURED, "", f"Source: `{source}` (the JSON gpu_run.py wrote, unchanged).", "",
+        "Command: `python benchmarks/render_gpu.py`"])
+
+
+def main(argv=None) -> Path:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", default=str(RESULTS / "gpu_h200_throughput.json"))
+    p.add_argument("--out", default=None, help="markdown to write (default: the JSON's name with .md)")
+    args = p.parse_args(argv)
+    src = Path(args.json)
+    out = Path(args.out) if args.out else src.with_suffix(".md")
+    result = json.loads(src.read_text())
+    try:
+        shown = src.resolve().relative_to(RESULTS.parent.parent)
+    except ValueError:
+        shown = src
+    out.write_text(render(result, str(shown)) + "\n")
+    print(f"wrote {out}")
+    return out
+
+
+if __name__ == "__main__":
+    main()

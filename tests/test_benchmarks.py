@@ -1,0 +1,236 @@
+"""The benchmark scripts in benchmarks/ (issue 5): each runs end to end at a micro budget through its main(argv),
+and what it writes has the shape the appendix page and chapter 08 read. The numbers at these budgets mean
+nothing; the checks are about protocol (same noise, same sampler, the anchor's recipe) and plumbing.
+
+Also checked: the committed results in benchmarks/results/ are exactly what the scripts render from their
+JSON (nothing typed by hand), and every result file the appendix page includes exists.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "benchmarks"
+RESULTS = BENCH / "results"
+sys.path.insert(0, str(BENCH))
+
+pytest.importorskip("diffusers", reason="the anchor is built on diffusers (in the [test] extra)")
+import _common  # noqa: E402
+import ablation  # noqa: E402
+import anchor  # noqa: E402
+import render_gpu  # noqa: E402
+import sampling  # noqa: E402
+import throughput  # noqa: E402
+import train_vs_anchor  # noqa: E402
+
+from diffusion_lab.schedules import NoiseSchedule  # noqa: E402
+from diffusion_lab.training import TrainConfig, train  # noqa: E402
+from diffusion_lab.unet import UNet  # noqa: E402
+
+SMOKE = "smoke check, not a result"
+SCRIPTS = {"train_vs_anchor": train_vs_anchor, "throughput": throughput, "sampling": sampling, "ablation": ablation}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # micro budgets on a shared CPU: torch's thread pool costs more than it saves
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    torch.set_num_threads(1)
+    train(TrainConfig(steps=2, channels=(8, 16, 16), batch_size=8, device="cpu"), checkpoint=path, progress=False)
+    return path
+
+
+def check_markdown(md: Path, result: dict, module) -> str:
+    text = md.read_text()
+    assert SMOKE in text, "a micro-budget run must say it is a smoke check"
+    assert "load average at start" in text and result["machine"]["torch"] in text
+    assert text.strip() == module.render(result).strip()  # the markdown is the JSON, rendered
+    return text
+
+
+# --- the anchor ------------------------------------------------------------------------------------------------
+
+def test_anchor_schedule_is_the_cosine_schedule():
+    ours = NoiseSchedule.from_name("cosine", 1000)
+    theirs = anchor.anchor_schedule()
+    assert theirs.T == 1000
+    assert torch.allclose(theirs.alpha_bars, ours.alpha_bars, atol=1e-6)
+
+
+def test_anchor_net_is_the_course_architecture_and_reads_the_label():
+    torch.manual_seed(0)
+    net = anchor.AnchorNet().eval()
+    cfg = net.unet.config
+    assert cfg.in_channels == 1 + 4 and cfg.out_channels == 1 and cfg.layers_per_block == 2
+    assert tuple(cfg.block_out_channels) == (32, 64, 64)
+    assert tuple(cfg.down_block_types) == ("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D")
+    assert tuple(cfg.up_block_types) == ("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D")
+    assert net.class_emb.num_embeddings == 10 and net.class_emb.embedding_dim == 4
+    x = torch.randn(2, 1, 28, 28)
+    t = torch.tensor([500, 500])
+    with torch.no_grad():
+        a = net(x, t, torch.tensor([3, 3]))
+        b = net(x, t, torch.tensor([3, 7]))
+    assert a.shape == x.shape
+    assert torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1])
+
+
+def test_train_anchor_needs_a_budget_and_counts_images():
+    with pytest.raises(ValueError, match="budget"):
+        anchor.train_anchor()
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (16,))
+    seen = []
+    r = anchor.train_anchor(steps=3, batch_size=4, images=images, labels=labels, log_every=1,
+                            callback=lambda step, n, model: seen.append((step, n)) or step == 2)
+    assert r["step"] == 2 and r["images_seen"] == 8 and seen == [(1, 4), (2, 8)]  # the callback stopped it
+    assert len(r["losses"]) == 2 and all(loss > 0 for loss in r["losses"])
+
+
+# --- the scripts at micro budgets -----------------------------------------------------------------------------
+
+def test_train_vs_anchor_micro(tmp_path):
+    out = tmp_path / "tva.json"
+    train_vs_anchor.main(["--minutes", "1", "--max-steps", "2", "--n-eval", "20", "--n-reference", "100",
+                          "--sample-steps", "2", "--channels", "8", "16", "16", "--batch-size", "4",
+                          "--calibrate-steps", "1", "--heldout", "8", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["smoke"] and result["n_eval"] == 20
+    assert result["anchor"]["step"] == result["ours"]["step"] == 2
+    assert [r["recipe"] for r in result["rows"]] == ["anchor", "this repo", "this repo, guided",
+                                                     "real training digits (floor at n=20)"]
+    for r in result["rows"][:3]:
+        assert r["classifier_fid"] >= 0 and 0 <= r["conditional_accuracy"] <= 1 and r["seconds_per_image"] > 0
+    for side in ("anchor", "ours"):
+        run = result[side]
+        assert run["step"] >= 1 and run["images_seen"] == run["step"] * 4 and run["images_per_s"] > 0
+        assert run["curve"][-1]["images_seen"] == run["images_seen"] and run["heldout_eps_mse"] > 0
+    assert result["ours"]["config"]["objective"] == "v" and result["anchor"]["recipe"]["lr"] == 1e-3
+    assert result["ours"]["at_anchor_images_seen"]["images_seen"] == result["anchor"]["images_seen"]
+    assert len(result["targets"]) == 4 and all(isinstance(t["met"], bool) for t in result["targets"])
+    text = check_markdown(out.with_suffix(".md"), result, train_vs_anchor)
+    assert "| anchor | none |" in text
+
+
+def test_throughput_micro_counts_the_anchors_flops(tmp_path):
+    out = tmp_path / "tp.json"
+    throughput.main(["--batch", "2", "--reps", "1", "--warmup", "1", "--matmul-n", "64", "--peak-reps", "1",
+                     "--peak-min-s", "0.01", "--variants", "eager", "channels_last", "--channels", "8", "16", "16",
+                     "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert [(r["model"], r["variant"]) for r in result["rows"]] == [
+        ("this repo", "eager"), ("anchor", "eager"), ("this repo", "channels_last"), ("anchor", "channels_last")]
+    for r in result["rows"]:
+        assert r["images_per_s"] > 0 and 0 < r["fraction_of_conv_peak"] and r["achieved_gflops"] > 0
+    anchor_rows = [r for r in result["rows"] if r["model"] == "anchor"]
+    # the course model costs about 1.75 GFLOP per image per training step (224 GFLOP at batch 128)
+    assert all(abs(r["gflop_per_step"] / 2 - 1.754) < 0.02 for r in anchor_rows)
+    assert result["peaks"]["conv_spec"]["flops"] > 0 and set(result["speedups"]) == {"eager", "channels_last"}
+    eager = {r["model"]: r["images_per_s"] for r in result["rows"] if r["variant"] == "eager"}
+    ours_cl = next(r for r in result["rows"] if r["model"] == "this repo" and r["variant"] == "channels_last")
+    target = next(t for t in result["targets"] if t["variant"] == "channels_last")
+    assert target["speedup_vs_anchor_eager"] == pytest.approx(ours_cl["images_per_s"] / eager["anchor"])
+    check_markdown(out.with_suffix(".md"), result, throughput)
+
+
+def test_throughput_levers_parse():
+    assert throughput.parse_variant("eager") == frozenset()
+    assert throughput.variant_name(throughput.parse_variant("bf16+channels_last")) == "channels_last+bf16"
+    with pytest.raises(ValueError, match="unknown lever"):
+        throughput.parse_variant("bf16+fast")
+
+
+def test_sampling_micro(tmp_path, tiny_checkpoint):
+    out = tmp_path / "s.json"
+    sampling.main(["--checkpoint", str(tiny_checkpoint), "--nfe", "2", "5", "--n-eval", "20", "--n-reference", "100",
+                   "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert len(result["rows"]) == 5 * 2 and result["prediction"] == "v"
+    fid = {(r["sampler"], r["nfe"]): r["classifier_fid"] for r in result["rows"]}
+    for nfe in (2, 5):  # the same model, noise and DDIM update: the two libraries draw the same digits
+        assert fid[("ddim", nfe)] == pytest.approx(fid[("diffusers-ddim", nfe)], rel=1e-3)
+    check_markdown(out.with_suffix(".md"), result, sampling)
+
+
+@pytest.mark.parametrize("name", ["ddim", "dpm++2m"])
+def test_diffusers_drivers_draw_the_same_digits_as_ours(name):
+    torch.manual_seed(0)
+    net = UNet(channels=(8, 16, 16), num_classes=10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    net.eval()
+    schedule = NoiseSchedule.from_name("cosine", 1000)
+    denoiser_for = lambda lab: (lambda x_t, t: net(x_t, t, lab))  # noqa: E731
+    ours = _common.sample_images(denoiser_for, schedule, 6, 10, "v", torch.device("cpu"), sampler=name, clip_x0=None)
+    theirs = sampling.sample_diffusers(f"diffusers-{name}", denoiser_for, schedule, 6, 10, "v", torch.device("cpu"),
+                                       clip_x0=None)
+    diff = (ours["images"].int() - theirs["images"].int()).abs()
+    assert diff.max() <= 1, "a convention mismatch moves pixels by far more than one grey level"
+
+
+def test_ablation_micro(tmp_path):
+    out = tmp_path / "ab.json"
+    ablation.main(["--minutes", "1", "--max-steps", "1", "--n-eval", "20", "--n-reference", "100",
+                   "--sample-steps", "2", "--channels", "8", "16", "16", "--batch-size", "4", "--calibrate-steps", "1",
+                   "--variants", "eps", "no_ema", "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [r["variant"] for r in rows] == ["baseline", "eps", "no_ema"]
+    assert rows[0]["fid_vs_baseline"] == 1.0 and rows[0]["images_per_s_vs_baseline"] == 1.0
+    assert all(not isinstance(v, (list, dict)) for r in rows for v in r.values())  # chapter 08 prints flat rows
+    text = check_markdown(out.with_suffix(".md"), result, ablation)
+    out.with_suffix(".md").write_text("stale")
+    ablation.main(["--rerender", "--out", str(out)])  # the markdown comes back from the JSON alone
+    assert out.with_suffix(".md").read_text() == text
+
+
+def test_placeholder_never_hides_results(tmp_path):
+    out = tmp_path / "x.json"
+    result = sampling.main(["--placeholder", "--out", str(out)])
+    md = Path(result["placeholder"])
+    assert "Not yet measured on this machine" in md.read_text() and sampling.HEADLINE_COMMAND in md.read_text()
+    assert not out.exists()
+    out.write_text("{}")
+    with pytest.raises(SystemExit, match="already holds results"):
+        sampling.main(["--placeholder", "--out", str(out)])
+
+
+# --- the committed results and the appendix page -----------------------------------------------------------
+
+def test_committed_results_are_what_the_scripts_render(tmp_path):
+    for name, module in SCRIPTS.items():
+        js, md = RESULTS / f"{name}.json", RESULTS / f"{name}.md"
+        assert md.exists(), f"{md} is missing: run the script (or its --placeholder) so the appendix builds"
+        if js.exists():
+            assert md.read_text().strip() == module.render(json.loads(js.read_text())).strip(), \
+                f"{md.name} differs from what {name}.py renders from {js.name}: results must come from the script"
+        else:
+            assert "Not yet measured on this machine" in md.read_text()
+    gpu_md = render_gpu.main(["--json", str(RESULTS / "gpu_h200_throughput.json"), "--out", str(tmp_path / "g.md")])
+    assert gpu_md.read_text() == (RESULTS / "gpu_h200_throughput.md").read_text()
+    assert render_gpu.NOT_MEASURED in gpu_md.read_text()
+
+
+def test_appendix_page_includes_every_result():
+    page = (REPO / "book" / "benchmarks.md").read_text()
+    included = re.findall(r"```\{include\}\s+(\S+)", page)
+    assert included, "the appendix page shows the results through {include}"
+    for rel in included:
+        assert (REPO / "book" / rel).resolve().is_file(), f"book/benchmarks.md includes a missing file {rel}"
+    shown = {(REPO / "book" / rel).resolve().name for rel in included}
+    assert {p.name for p in RESULTS.glob("*.md")} <= shown, "every result in benchmarks/results is on the page"

@@ -26,7 +26,7 @@ class ToyMLP(nn.Module):
     training. What the output means (eps_hat, x0_hat or v_hat) is decided by the loss it is trained with.
     """
 
-    def __init__(self, dim: int = 2, hidden: int = 128, layers: int = 3, time_dim: int = 32,
+    def __init__(self, dim: int = 2, hidden: int = 64, layers: int = 3, time_dim: int = 32,
                  num_classes: int | None = None):
         super().__init__()
         if dim < 1 or hidden < 1 or layers < 1:

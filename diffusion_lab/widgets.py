@@ -88,10 +88,12 @@ def schedule_frame(schedules, fraction: float, x0: torch.Tensor | None = None, e
         raise ValueError("schedule_frame needs at least one schedule")
     if not 0 <= fraction <= 1:
         raise ValueError(f"fraction must lie in [0, 1], got {fraction}")
+    # curves on top (each spanning half the width), the noised images in a row underneath
     n_img = 0 if x0 is None else len(schedules)
-    fig = plt.figure(figsize=(9, 3.2))
-    grid = fig.add_gridspec(1, 2 + n_img, width_ratios=[1.6, 1.6] + [1] * n_img)
-    axes = [fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1])]
+    cols = 2 * max(1, n_img)
+    fig = plt.figure(figsize=(9, 3.3 if x0 is None else 3.3 + 9 / max(n_img, 4)))
+    grid = fig.add_gridspec(1 if x0 is None else 2, cols, height_ratios=None if x0 is None else [1.6, 1])
+    axes = [fig.add_subplot(grid[0, : cols // 2]), fig.add_subplot(grid[0, cols // 2:])]
     plot_schedules(schedules, axes=axes)
     for ax in axes:
         ax.axvline(fraction, color="k", lw=0.8)
@@ -101,10 +103,10 @@ def schedule_frame(schedules, fraction: float, x0: torch.Tensor | None = None, e
         for i, s in enumerate(schedules):
             t = round(fraction * (s.T - 1))
             x_t = q_sample(s, x0, torch.tensor([t]), eps)
-            ax = fig.add_subplot(grid[0, 2 + i])
+            ax = fig.add_subplot(grid[1, 2 * i: 2 * i + 2])
             ax.imshow(image_grid(x_t, 1, pad=0), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
             ax.set_axis_off()
-            ax.set_title(f"{s.name}\nSNR={s.snr[t].item():.2g}", fontsize=8)
+            ax.set_title(f"{s.name}: t={t}, SNR={s.snr[t].item():.2g}", fontsize=8)
     fig.tight_layout()
     return fig
 

@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save_bytes
 # name -> SHA-256 of checkpoints/<name>.safetensors. Updated only by a retraining whose model card says so.
 SHIPPED: dict[str, str] = {
     "mnist-classifier": "1e438f92dc9de1f4643ee20a4909c98ef1201ab9b09d9f3137c2f7e8385a16db",
+    "mnist-cond": "660122e12197e9e8ece7691acbdba3a694acb11c7f97aa8a42d8ec4976e10678",
 }
 
 CHECKPOINT_ENV = "DIFFUSION_LAB_CHECKPOINTS"

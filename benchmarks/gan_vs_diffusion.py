@@ -36,12 +36,13 @@ import torch
 
 from diffusion_lab import checkpoint, data, gan, metrics
 from diffusion_lab.samplers import sample_ddim
-from diffusion_lab.training import TrainConfig, build_schedule, train
+from diffusion_lab.training import TrainConfig, build_model, build_schedule, train
 from diffusion_lab.unet import count_parameters
 from diffusion_lab.utils import get_device
 
 # Work amounts. smoke/demo/full match the run profiles, and chapter 01 runs them live; `cpu` is the longer
 # CPU measurement whose JSON is stored in benchmarks/results. On a CPU the budget is counted in CPU seconds.
+MODELS = ("gan", "diffusion")
 PRESETS = {
     "smoke": dict(budget_s=1.0, evals=2, seeds=[0, 1, 2], n_fid=200, ddim_steps=5, gan_width=16,
                   unet_channels=[8, 16, 16], batch_size=32, n_hist=100, n_cost=50),
@@ -86,13 +87,18 @@ class FIDJudge:
         return metrics.frechet_distance(mu, sigma, self.mu, self.sigma)
 
 
-def sample_diffusion(ema, schedule, n: int, ddim_steps: int, seed: int, device, batch_size: int = 1000) -> torch.Tensor:
-    """n unconditional samples (n, 1, 28, 28) on the CPU by deterministic DDIM from the EMA UNet."""
+def sample_diffusion(ema, schedule, n: int, ddim_steps: int, seed: int, device, prediction: str,
+                     batch_size: int = 1000) -> torch.Tensor:
+    """n unconditional samples (n, 1, 28, 28) on the CPU by deterministic DDIM from the EMA UNet.
+
+    `prediction` must be the objective the model was trained with ("eps", "x0" or "v").
+    """
     rng = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n, batch_size):
         x_T = torch.randn(min(batch_size, n - start), 1, 28, 28, generator=rng).to(device)
-        out.append(sample_ddim(lambda x_t, t: ema(x_t, t), schedule, x_T, steps=ddim_steps).float().cpu())
+        out.append(sample_ddim(lambda x_t, t: ema(x_t, t), schedule, x_T, steps=ddim_steps,
+                               prediction=prediction).float().cpu())
     return torch.cat(out).clamp(-1, 1)
 
 
@@ -161,9 +167,14 @@ def gan_fid_curve(images, judge: FIDJudge, budget_s: float, evals: int, n_fid: i
 
 
 def diffusion_config(seed: int, batch_size: int, channels, device) -> TrainConfig:
-    # unconditional, like the GAN; a constant learning rate after warm-up, since the run's length is a time budget
-    return TrainConfig(channels=tuple(channels), conditional=False, steps=10**9, batch_size=batch_size,
-                       lr_decay="constant", seed=seed, device=str(device), amp="none", ckpt_every=10**9, log_every=5)
+    """The diffusion recipe, pinned here so that a change of the package's defaults cannot change the race:
+    DDPM's eps objective (Ho et al. 2020) on a cosine schedule with T = 1000, unconditional like the GAN, and a
+    constant learning rate after warm-up, since the run's length is a time budget."""
+    return TrainConfig(channels=tuple(channels), blocks_per_level=1, attention=True, conditional=False, style=False,
+                       schedule="cosine", T=1000, objective="eps", weighting="none", steps=10**9,
+                       batch_size=batch_size, lr=2e-3, warmup=100, lr_decay="constant", weight_decay=0.0,
+                       grad_clip=1.0, ema_decay=0.999, seed=seed, device=str(device), amp="none",
+                       ckpt_every=10**9, log_every=5)
 
 
 def diffusion_fid_curve(images, labels, judge: FIDJudge, budget_s: float, evals: int, n_fid: int, seed: int, device,
@@ -182,7 +193,8 @@ def diffusion_fid_curve(images, labels, judge: FIDJudge, budget_s: float, evals:
         if timer.now() < next_eval:
             return False
         wall, cpu = timer.read()
-        fid = timer.evaluation(lambda: judge(sample_diffusion(ema, schedule, n_fid, ddim_steps, 10_000 + seed, device)))
+        fid = timer.evaluation(lambda: judge(sample_diffusion(ema, schedule, n_fid, ddim_steps, 10_000 + seed, device,
+                                                              config.objective)))
         raw.append((step, fid, wall, cpu))
         next_eval += budget_s / evals
         return (wall if clock == "wall" else cpu) >= budget_s
@@ -195,7 +207,8 @@ def diffusion_fid_curve(images, labels, judge: FIDJudge, budget_s: float, evals:
     train_s = run["elapsed_s"] - timer.eval_wall
     return {"curve": curve, "steps": run["step"], "ms_per_step": 1000 * train_s / run["step"],
             "cpu_ms_per_step": 1000 * curve[-1]["cpu_s"] / curve[-1]["step"], "losses": run["losses"],
-            "ema": run["ema"], "schedule": run["schedule"], "params": count_parameters(run["model"]),
+            "ema": run["ema"], "schedule": run["schedule"], "objective": config.objective,
+            "params": count_parameters(run["model"]),
             "params_sampler": count_parameters(run["ema"]), "setup_s": setup}
 
 
@@ -204,19 +217,28 @@ def time_to_target(curve: list[dict], target: float) -> float | None:
     return next((p["time_s"] for p in curve if p["fid"] <= target), None)
 
 
-def sampling_cost(G, ema, schedule, n: int, ddim_steps: int, device) -> dict:
-    """Wall time to draw n samples: GAN one forward pass, diffusion ddim_steps passes (after a warm-up)."""
+def sampling_cost(cfg: dict, device, z_dim: int = 64) -> dict:
+    """Wall time to draw cfg["n_cost"] samples: GAN one generator pass, diffusion ddim_steps UNet passes.
+
+    The cost depends on the architecture only, not on the weights, so freshly built networks are timed
+    (after a warm-up); this also lets a run of either model alone report both costs.
+    """
+    n, steps = cfg["n_cost"], cfg["ddim_steps"]
+    G = gan.Generator(z_dim, cfg["gan_width"]).to(device)
+    config = diffusion_config(0, cfg["batch_size"], cfg["unet_channels"], device)
+    unet, schedule = build_model(config).to(device).eval(), build_schedule(config)
     timings = {}
     for name, draw in (("gan", lambda: gan.sample_gan(G, n, rng=torch.Generator().manual_seed(0))),
-                       ("diffusion", lambda: sample_diffusion(ema, schedule, n, ddim_steps, 0, device))):
+                       ("diffusion", lambda: sample_diffusion(unet, schedule, n, steps, 0, device, config.objective))):
         draw()  # warm-up
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         draw()
         _sync(device)
-        timings[name] = time.perf_counter() - t0
-    return {"n": n, "gan_s": timings["gan"], "diffusion_s": timings["diffusion"], "gan_forward_passes": 1,
-            "diffusion_forward_passes": ddim_steps}
+        timings[name] = (time.perf_counter() - t0, time.process_time() - c0)
+    return {"n": n, "gan_s": timings["gan"][0], "diffusion_s": timings["diffusion"][0],
+            "gan_cpu_s": timings["gan"][1], "diffusion_cpu_s": timings["diffusion"][1],
+            "gan_forward_passes": 1, "diffusion_forward_passes": steps}
 
 
 def _thin(values, points: int = 400) -> list[float]:
@@ -248,41 +270,44 @@ def compare(preset: str = "demo", device=None, classifier=None, progress: bool =
     load_before = _load()
     say(f"[{preset}] device {device}; real-vs-real floor FID at n={cfg['n_fid']}: {floor:.3f}")
 
+    models = cfg.setdefault("models", list(MODELS))
+    if not models or set(models) - set(MODELS):
+        raise ValueError(f"models must be a non-empty subset of {MODELS}, got {models}")
     # warm-up: the first steps on a device pay one-off costs (kernel selection, allocator) that no run should carry
-    gan.train_gan(train_images, steps=3, batch_size=cfg["batch_size"], width=cfg["gan_width"], device=device, progress=False)
-    train(dataclasses.replace(diffusion_config(0, cfg["batch_size"], cfg["unet_channels"], device), steps=3),
-          progress=False, images=train_images, labels=train_labels)
+    if "gan" in models:
+        gan.train_gan(train_images, steps=3, batch_size=cfg["batch_size"], width=cfg["gan_width"], device=device,
+                      progress=False)
+    if "diffusion" in models:
+        train(dataclasses.replace(diffusion_config(0, cfg["batch_size"], cfg["unet_channels"], device), steps=3),
+              progress=False, images=train_images, labels=train_labels)
 
-    runs = {"gan": [], "diffusion": []}
-    last = {}
+    runs = {name: [] for name in models}
     for seed in cfg["seeds"]:
-        t0 = time.perf_counter()
-        g = gan_fid_curve(train_images, judge, cfg["budget_s"], cfg["evals"], cfg["n_fid"], seed, device,
-                          cfg["batch_size"], cfg["gan_width"], clock=cfg["clock"])
-        say(f"  GAN seed {seed}: {g['steps']} steps, {g['ms_per_step']:.1f} ms/step, FID {[round(p['fid'], 2) for p in g['curve']]}"
-            f" ({time.perf_counter() - t0:.0f} s)")
-        t0 = time.perf_counter()
-        d = diffusion_fid_curve(train_images, train_labels, judge, cfg["budget_s"], cfg["evals"], cfg["n_fid"], seed,
-                                device, cfg["batch_size"], cfg["unet_channels"], cfg["ddim_steps"], clock=cfg["clock"])
-        say(f"  diffusion seed {seed}: {d['steps']} steps, {d['ms_per_step']:.1f} ms/step, FID {[round(p['fid'], 2) for p in d['curve']]}"
-            f" ({time.perf_counter() - t0:.0f} s)")
-        for name, run in (("gan", g), ("diffusion", d)):
-            samples = (gan.sample_gan(g["generator"], cfg["n_hist"], rng=torch.Generator().manual_seed(7)) if name == "gan"
-                       else sample_diffusion(d["ema"], d["schedule"], cfg["n_hist"], cfg["ddim_steps"], 7, device))
-            entry = {"seed": seed, "curve": run["curve"], "steps": run["steps"], "ms_per_step": run["ms_per_step"],
-                     "cpu_ms_per_step": run["cpu_ms_per_step"],
-                     "params": run["params"], "params_sampler": run["params_sampler"],
-                     "class_histogram": metrics.class_histogram(samples, classifier).tolist()}
+        for name in models:
+            t0 = time.perf_counter()
             if name == "gan":
-                entry.update(d_losses=_thin(g["d_losses"]), g_losses=_thin(g["g_losses"]))
+                run = gan_fid_curve(train_images, judge, cfg["budget_s"], cfg["evals"], cfg["n_fid"], seed, device,
+                                    cfg["batch_size"], cfg["gan_width"], clock=cfg["clock"])
+                samples = gan.sample_gan(run["generator"], cfg["n_hist"], rng=torch.Generator().manual_seed(7))
+                extra = {"d_losses": _thin(run["d_losses"]), "g_losses": _thin(run["g_losses"])}
             else:
-                entry.update(losses=_thin(d["losses"]), setup_s=d["setup_s"])
+                run = diffusion_fid_curve(train_images, train_labels, judge, cfg["budget_s"], cfg["evals"], cfg["n_fid"],
+                                          seed, device, cfg["batch_size"], cfg["unet_channels"], cfg["ddim_steps"],
+                                          clock=cfg["clock"])
+                samples = sample_diffusion(run["ema"], run["schedule"], cfg["n_hist"], cfg["ddim_steps"], 7, device,
+                                           run["objective"])
+                extra = {"losses": _thin(run["losses"]), "setup_s": run["setup_s"], "objective": run["objective"]}
+            say(f"  {name} seed {seed}: {run['steps']} steps, {run['ms_per_step']:.1f} ms/step, "
+                f"FID {[round(p['fid'], 2) for p in run['curve']]} ({time.perf_counter() - t0:.0f} s)")
+            entry = {"seed": seed, "curve": run["curve"], "steps": run["steps"], "ms_per_step": run["ms_per_step"],
+                     "cpu_ms_per_step": run["cpu_ms_per_step"], "params": run["params"],
+                     "params_sampler": run["params_sampler"],
+                     "class_histogram": metrics.class_histogram(samples, classifier).tolist(), **extra}
             if seed == cfg["seeds"][0]:
                 entry["samples"] = _uint8_list(samples[:24])
             runs[name].append(entry)
-        last = {"G": g["generator"], "ema": d["ema"], "schedule": d["schedule"]}
 
-    cost = sampling_cost(last["G"], last["ema"], last["schedule"], cfg["n_cost"], cfg["ddim_steps"], device)
+    cost = sampling_cost(cfg, device)
     return {
         "what": "classifier-FID vs training time (the config's clock), DCGAN vs unconditional diffusion (DDIM), "
                 "same data, batch size and device",
@@ -300,19 +325,37 @@ def compare(preset: str = "demo", device=None, classifier=None, progress: bool =
     }
 
 
-def merge(parts: list[dict]) -> dict:
-    """One result from runs of the same preset over different seeds (e.g. one process per seed)."""
+def merge(parts: list[dict], note: str | None = None) -> dict:
+    """One result from several runs of the same preset: e.g. one process per seed, or per model.
+
+    Each part contributes the runs of the models its config lists; a model may come from several parts
+    (different seeds) but the same (model, seed) may appear only once.
+    """
+    def setting(part):
+        return {k: v for k, v in part["config"].items() if k not in ("seeds", "models")}
+
     first = parts[0]
     for part in parts[1:]:
-        same = {k: v for k, v in part["config"].items() if k != "seeds"} == {k: v for k, v in first["config"].items() if k != "seeds"}
-        if not same or part.get("classifier_sha256") != first.get("classifier_sha256"):
+        if setting(part) != setting(first) or part.get("classifier_sha256") != first.get("classifier_sha256"):
             raise ValueError("can only merge results of the same preset, config and classifier")
-    merged = {**first, "runs": {name: sorted((r for p in parts for r in p["runs"][name]), key=lambda r: r["seed"])
-                                for name in first["runs"]}}
-    merged["config"] = {**first["config"], "seeds": sorted(s for p in parts for s in p["config"]["seeds"])}
-    merged["parts"] = [{"command": p.get("command"), "seeds": p["config"]["seeds"], "total_wall_s": p.get("total_wall_s"),
+    runs: dict[str, list] = {}
+    for part in parts:
+        for name in part["config"].get("models", MODELS):
+            runs.setdefault(name, []).extend(part["runs"][name])
+    for name, rs in runs.items():
+        seeds = [r["seed"] for r in rs]
+        if len(seeds) != len(set(seeds)):
+            raise ValueError(f"{name}: seed appears in more than one part: {sorted(seeds)}")
+        rs.sort(key=lambda r: r["seed"])
+    merged = {**first, "runs": {name: runs[name] for name in MODELS if name in runs}}
+    merged["config"] = {**first["config"], "seeds": sorted({r["seed"] for rs in runs.values() for r in rs}),
+                        "models": [name for name in MODELS if name in runs]}
+    merged["parts"] = [{"command": p.get("command"), "models": p["config"].get("models", list(MODELS)),
+                        "seeds": p["config"]["seeds"], "total_wall_s": p.get("total_wall_s"), "date": p.get("date"),
                         "machine": p["machine"]} for p in parts]
     merged["total_wall_s"] = max(p.get("total_wall_s", 0) for p in parts)  # the parts ran side by side
+    if note:
+        merged["note"] = note
     return merged
 
 
@@ -325,12 +368,14 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (overrides the preset), e.g. one per process")
     p.add_argument("--classifier", default=metrics.CLASSIFIER_NAME, help="a shipped name or a .safetensors path")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--models", nargs="+", choices=MODELS, help="train only these models (overrides the preset)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these result files (one per seed) into --out")
+    p.add_argument("--note", help="with --merge: a note stored in the merged file")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.merge:
-        result = merge([json.loads(Path(f).read_text()) for f in args.merge])
+        result = merge([json.loads(Path(f).read_text()) for f in args.merge], args.note)
         out.write_text(json.dumps(result, separators=(",", ":")))
         print(f"merged {len(args.merge)} files into {out}")
         return
@@ -339,6 +384,8 @@ def main(argv=None) -> None:
     overrides = {"budget_s": args.budget_s} if args.budget_s else {}
     if args.seeds:
         overrides["seeds"] = args.seeds
+    if args.models:
+        overrides["models"] = args.models
     device = get_device(None if args.device == "auto" else args.device)
     t0 = time.perf_counter()
     result = compare(args.preset, device, metrics.load_classifier(device, args.classifier), **overrides)

@@ -6,6 +6,9 @@ measured (see `phase_throughput` in gpu_run.py): one training step of diffusion_
 loss, backward, AdamW; no EMA or gradient clipping — timed over 40 steps after 5 warm-up steps, in fp32 eager,
 bf16-autocast eager and bf16 autocast with torch.compile.
 
+It also renders launch-to-99% (gpu_run.py's `speed*` phases, run by benchmarks/gpu_session.sh, one fresh process
+per variant) from the JSON files under benchmarks/results/gpu_h200_speed/, copied unchanged.
+
     python benchmarks/render_gpu.py      # writes benchmarks/results/gpu_h200_throughput.md
 """
 from __future__ import annotations
@@ -18,7 +21,33 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, markdown_table  # noqa: E402
 
-NOT_MEASURED = "Launch to 99% conditional accuracy on the H200 was not measured in this session."
+NOT_MEASURED = "Launch to 99% conditional accuracy on the H200 was not measured."
+SPEED = RESULTS / "gpu_h200_speed"
+
+
+def render_speed(folder: Path) -> str:
+    """One row per speed JSON: precision, compile, seconds and steps to >= 99% conditional accuracy."""
+    files = sorted(folder.rglob("*speed_*.json"))
+    if not files:
+        return NOT_MEASURED
+    rows = []
+    for f in files:
+        r = json.loads(f.read_text())
+        c = r["config"]
+        rows.append(["fp32" if c["amp"] == "none" else c["amp"], "torch.compile" if c["compile"] else "eager",
+                     str(f.relative_to(folder)), r["seconds_to_99"] if r["reached"] else "not reached",
+                     r["steps_to_99"] or "—", r["steps_to_99"] * c["batch_size"] if r["reached"] else "—"])
+    first = json.loads(files[-1].read_text())
+    return "\n".join([
+        "**Launch to 99% conditional accuracy on one H200** (`bash benchmarks/gpu_session.sh`, one fresh process per "
+        "row). " + first["protocol"][0].upper() + first["protocol"][1:] + ". The clock starts when the shell "
+        "launches Python, so start-up, CUDA initialisation and reading MNIST from local disk count. Model: "
+        f"channels {tuple(first['config']['channels'])}, class-conditional, v-prediction, batch "
+        f"{first['config']['batch_size']}, lr {first['config']['lr']}, EMA {first['config']['ema_decay']}.", "",
+        markdown_table(["precision", "mode", "file", "seconds to 99%", "steps", "images seen"], rows), "",
+        "`cold_compile_*` ran in one process after two eager runs (so its clock excludes CUDA start-up) with an "
+        "empty compile cache; `run1/speed_bf16_compile1` ran later on the same machine and reused the compile "
+        "cache, which is why it is faster. A first-time user pays the cold compile."])
 
 
 def render(result: dict, source: str) -> str:
@@ -35,7 +64,7 @@ def render(result: dict, source: str) -> str:
         "`benchmarks/gpu_run.py --phases throughput` (40 timed steps after 5 warm-up steps; the warm-up column "
         "includes torch.compile's compile time).", "",
         markdown_table(["precision", "mode", "batch", "ms / step", "img/s", "img/s vs fp32 eager", "warm-up s"], table),
-        "", NOT_MEASURED, "", f"Source: `{source}` (the JSON gpu_run.py wrote, unchanged).", "",
+        "", render_speed(SPEED), "", f"Source: `{source}` (the JSON gpu_run.py wrote, unchanged).", "",
         "Command: `python benchmarks/render_gpu.py`"])
 
 

@@ -241,6 +241,8 @@ def train(config: TrainConfig, checkpoint: str | os.PathLike | None = None, resu
     step, losses, elapsed_before = 0, [], 0.0
     if checkpoint is not None and resume and Path(checkpoint).exists():
         step, losses, elapsed_before = restore_training_state(checkpoint, model, ema, optimizer, generator)
+        if world > 1:  # the file holds rank 0's generator only; give every rank its own stream again
+            generator.manual_seed(config.seed + rank + world * step)
         if progress and rank == 0:
             print(f"resuming from {checkpoint} at step {step}")
 

@@ -41,6 +41,7 @@ TOLERANCE_SIGMAS = 4.0
 # chance, so the tolerance never drops below this floor (about 3 of the offline sigmas).
 TOLERANCE_FLOOR = 0.015
 N_IMAGES = 2048
+RESUME_AT = 20
 
 
 def tiny_config(seed: int) -> TrainConfig:
@@ -58,12 +59,23 @@ def tiny_data() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def worker(data_file: str, out_dir: str, seed: int) -> None:
-    """Run by torchrun in each process: train, then write this rank's losses and a weight checksum."""
+    """Run by torchrun in each process: train, then write this rank's losses and a weight checksum.
+
+    With seed < 0 it tests resume instead: train to RESUME_AT (rank 0 writes the checkpoint), then resume to STEPS.
+    """
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     saved = torch.load(data_file, weights_only=True)  # tensors only: weights_only refuses any other object
-    result = train(tiny_config(seed), progress=False, images=saved["images"], labels=saved["labels"])
+    if seed < 0:
+        ckpt = Path(out_dir, "resume.safetensors")
+        train(tiny_config(0), checkpoint=ckpt, progress=False, images=saved["images"], labels=saved["labels"],
+              callback=lambda step, ema: step >= RESUME_AT)
+        dist.barrier()  # rank 0's checkpoint is on disk before any rank resumes from it
+        result = train(tiny_config(0), checkpoint=ckpt, progress=False, images=saved["images"], labels=saved["labels"])
+        dist.barrier()  # every rank has read it before rank 0 overwrites it at the end
+    else:
+        result = train(tiny_config(seed), progress=False, images=saved["images"], labels=saved["labels"])
     rank, world = dist.get_rank(), dist.get_world_size()
     flat = torch.cat([p.detach().flatten() for p in result["model"].parameters()])
     report = {"rank": rank, "world": world, "losses": result["losses"], "step": result["step"],
@@ -103,6 +115,25 @@ def runs(tmp_path_factory):
     assert proc.returncode == 0, f"torchrun failed:\n{output[-3000:]}"
     ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in (0, 1)]
     return reference, ranks
+
+
+def test_ddp_resume_keeps_ranks_on_different_data(tmp_path):
+    images, labels = tiny_data()
+    data_file = tmp_path / "data.pt"
+    torch.save({"images": images, "labels": labels}, data_file)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           __file__, str(data_file), str(tmp_path), "-1"], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["step"] for r in ranks] == [STEPS, STEPS]
+    # the losses after the resume come from each rank's own batches: equal losses would mean equal data
+    after = [np.array(r["losses"][RESUME_AT:]) for r in ranks]
+    assert len(after[0]) == STEPS - RESUME_AT and not np.allclose(after[0], after[1])
+    assert ranks[0]["weights_sum"] == pytest.approx(ranks[1]["weights_sum"], rel=1e-9, abs=1e-9)
 
 
 def test_ddp_ranks_hold_identical_weights_and_see_different_data(runs):

@@ -223,7 +223,10 @@ def test_committed_results_are_what_the_scripts_render(tmp_path):
             assert "Not yet measured on this machine" in md.read_text()
     gpu_md = render_gpu.main(["--json", str(RESULTS / "gpu_h200_throughput.json"), "--out", str(tmp_path / "g.md")])
     assert gpu_md.read_text() == (RESULTS / "gpu_h200_throughput.md").read_text()
-    assert render_gpu.NOT_MEASURED in gpu_md.read_text()
+    speed = sorted(render_gpu.SPEED.rglob("*speed_*.json"))
+    for f in speed:  # every launch-to-99% run is a row, with the seconds its JSON holds
+        assert f"| {json.loads(f.read_text())['seconds_to_99']} |" in gpu_md.read_text(), f
+    assert speed or render_gpu.NOT_MEASURED in gpu_md.read_text()
 
 
 def test_appendix_page_includes_every_result():

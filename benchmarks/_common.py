@@ -6,6 +6,7 @@ measured. Nothing here is typed by hand.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -234,3 +235,39 @@ def rerender(out: str | os.PathLike, render) -> Path:
     md = out.with_suffix(".md")
     md.write_text(render(json.loads(out.read_text())).rstrip() + "\n")
     return md
+
+
+# --- the command line every script shares ------------------------------------------------------------------
+
+def base_parser(doc: str, out_name: str) -> argparse.ArgumentParser:
+    """The options every benchmark has: where to write, device, threads, classifier, --rerender, --placeholder."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=str(RESULTS / out_name))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--classifier", default=metrics.CLASSIFIER_NAME)
+    p.add_argument("--rerender", action="store_true", help="only rewrite the markdown from the JSON at --out")
+    p.add_argument("--placeholder", action="store_true",
+                   help="write only a 'not yet measured on this machine' markdown note and exit")
+    return p
+
+
+def model_options(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentGroup:
+    """The UNet's shape options, defaulting to the package's TrainConfig."""
+    d = TrainConfig()
+    g = p.add_argument_group(f"{title} (defaults: diffusion_lab.training.TrainConfig)")
+    g.add_argument("--channels", type=int, nargs=3, default=list(d.channels))
+    g.add_argument("--blocks-per-level", type=int, default=d.blocks_per_level)
+    g.add_argument("--attention", type=int, choices=(0, 1), default=int(d.attention))
+    return g
+
+
+def early_exit(args, render, title: str, headline: str) -> dict | None:
+    """Handle --rerender and --placeholder (returning what was written), else apply --threads and return None."""
+    if args.rerender:
+        return {"markdown": str(rerender(args.out, render))}
+    if args.placeholder:
+        return {"placeholder": str(write_placeholder(args.out, title, headline))}
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return None

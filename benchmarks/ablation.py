@@ -30,12 +30,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, Judge, command_line, fmt, load_average, machine_info,  # noqa: E402
+from _common import (Judge, command_line, fmt, load_average, machine_info,  # noqa: E402
                      machine_line, markdown_table, real_floor, sample_images, smoke_line, train_for_budget,
-                     rerender, write_placeholder, write_results)
+                     base_parser, early_exit, write_results)
 
 from diffusion_lab import data, metrics  # noqa: E402
 from diffusion_lab.conditioning import guided  # noqa: E402
@@ -80,8 +79,7 @@ def render(result: dict) -> str:
 
 def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = base_parser(__doc__, "ablation.json")
     p.add_argument("--minutes", type=float, default=HEADLINE["minutes"], help="training wall clock per run")
     p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=[v for v in VARIANTS if v != "baseline"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -91,13 +89,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="cap every run at this many steps (tests)")
     p.add_argument("--calibrate-steps", type=int, default=10,
                    help="throw-away steps timed first to fit the lr schedule (capped at 5%% of the budget)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--rerender", action="store_true", help="only rewrite the markdown from the JSON at --out")
-    p.add_argument("--placeholder", action="store_true",
-                   help="write only a 'not yet measured on this machine' markdown note and exit")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--classifier", default=metrics.CLASSIFIER_NAME)
-    p.add_argument("--out", default=str(RESULTS / "ablation.json"))
     g = p.add_argument_group("the baseline (defaults: diffusion_lab.training.TrainConfig)")
     g.add_argument("--channels", type=int, nargs=3, default=list(d.channels))
     g.add_argument("--batch-size", type=int, default=d.batch_size)
@@ -106,12 +97,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    if args.rerender:
-        return {"markdown": str(rerender(args.out, render))}
-    if args.placeholder:
-        return {"placeholder": str(write_placeholder(args.out, TITLE, HEADLINE_COMMAND))}
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    done = early_exit(args, render, TITLE, HEADLINE_COMMAND)
+    if done is not None:
+        return done
     machine = machine_info()
     device = get_device(None if args.device == "auto" else args.device)
     t_start = time.perf_counter()

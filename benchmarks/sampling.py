@@ -28,9 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, Judge, command_line, eval_labels, fmt, machine_info,  # noqa: E402
+from _common import (Judge, command_line, eval_labels, fmt, machine_info,  # noqa: E402
                      machine_line, markdown_table, real_floor, sample_images, smoke_line, sync,
-                     rerender, write_placeholder, write_results)
+                     base_parser, early_exit, write_results)
 
 from diffusion_lab import data, metrics  # noqa: E402
 from diffusion_lab.checkpoint import resolve_checkpoint, sha256_of  # noqa: E402
@@ -113,8 +113,7 @@ def render(result: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = base_parser(__doc__, "sampling.json")
     p.add_argument("--checkpoint", default="mnist-cond", help="shipped name or path of a diffusion_lab checkpoint")
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50])
     p.add_argument("--samplers", nargs="+", default=[*OURS, *DIFFUSERS], choices=[*OURS, *DIFFUSERS])
@@ -124,24 +123,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-x0", type=float, default=1.0, help="0: no clipping")
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--rerender", action="store_true", help="only rewrite the markdown from the JSON at --out")
-    p.add_argument("--placeholder", action="store_true",
-                   help="write only a 'not yet measured on this machine' markdown note and exit")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--classifier", default=metrics.CLASSIFIER_NAME)
-    p.add_argument("--out", default=str(RESULTS / "sampling.json"))
     return p
 
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    if args.rerender:
-        return {"markdown": str(rerender(args.out, render))}
-    if args.placeholder:
-        return {"placeholder": str(write_placeholder(args.out, TITLE, HEADLINE_COMMAND))}
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    done = early_exit(args, render, TITLE, HEADLINE_COMMAND)
+    if done is not None:
+        return done
     machine = machine_info()
     t_start = time.perf_counter()
     device = get_device(None if args.device == "auto" else args.device)

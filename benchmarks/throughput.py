@@ -31,8 +31,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, command_line, fmt, machine_info, machine_line, markdown_table,  # noqa: E402
-                     smoke_line, sync, rerender, write_placeholder, write_results)
+from _common import (command_line, fmt, machine_info, machine_line, markdown_table,  # noqa: E402
+                     smoke_line, sync, base_parser, early_exit, model_options, write_results)
 from anchor import AnchorNet, anchor_scheduler, train_step  # noqa: E402
 
 from diffusion_lab import data  # noqa: E402
@@ -262,15 +262,7 @@ def render(result: dict) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=str(RESULTS / "throughput.json"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--rerender", action="store_true", help="only rewrite the markdown from the JSON at --out")
-    p.add_argument("--placeholder", action="store_true",
-                   help="write only a 'not yet measured on this machine' markdown note and exit")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p = base_parser(__doc__, "throughput.json")
     p.add_argument("--batch", type=int, default=HEADLINE["batch"])
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (compile: more)")
     p.add_argument("--reps", type=int, default=HEADLINE["reps"], help="timed steps")
@@ -283,21 +275,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--peak-reps", type=int, default=3)
     p.add_argument("--peak-min-s", type=float, default=0.5, help="each peak timing repeats until this long")
-    g = p.add_argument_group("this repo's model (defaults: diffusion_lab.training.TrainConfig)")
-    g.add_argument("--channels", type=int, nargs=3, default=list(d.channels))
-    g.add_argument("--blocks-per-level", type=int, default=d.blocks_per_level)
-    g.add_argument("--attention", type=int, choices=(0, 1), default=int(d.attention))
+    model_options(p, "this repo's model")
     return p
 
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    if args.rerender:
-        return {"markdown": str(rerender(args.out, render))}
-    if args.placeholder:
-        return {"placeholder": str(write_placeholder(args.out, TITLE, HEADLINE_COMMAND))}
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    done = early_exit(args, render, TITLE, HEADLINE_COMMAND)
+    if done is not None:
+        return done
     machine = machine_info()
     t_start = time.perf_counter()
     device = get_device(None if args.device == "auto" else args.device)

@@ -33,9 +33,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (RESULTS, Judge, command_line, fmt, load_average, machine_info,  # noqa: E402
+from _common import (Judge, command_line, fmt, load_average, machine_info,  # noqa: E402
                      machine_line, markdown_table, real_floor, sample_images, smoke_line, train_for_budget,
-                     rerender, write_placeholder, write_results)
+                     base_parser, early_exit, model_options, write_results)
 from anchor import RECIPE, anchor_schedule, train_anchor  # noqa: E402
 
 from diffusion_lab import data, metrics  # noqa: E402
@@ -220,17 +220,10 @@ def render(result: dict) -> str:
 
 def parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = base_parser(__doc__, "train_vs_anchor.json")
     p.add_argument("--minutes", type=float, default=HEADLINE["minutes"], help="training wall clock per recipe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-eval", type=int, default=HEADLINE["n_eval"], help="samples per row for FID and accuracy")
-    p.add_argument("--out", default=str(RESULTS / "train_vs_anchor.json"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--rerender", action="store_true", help="only rewrite the markdown from the JSON at --out")
-    p.add_argument("--placeholder", action="store_true",
-                   help="write only a 'not yet measured on this machine' markdown note and exit")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     p.add_argument("--sample-steps", type=int, default=20, help="network evaluations per image (NFE)")
     p.add_argument("--guidance-extra", type=float, nargs="*", default=[2.0], help="extra guided rows for ours")
@@ -240,11 +233,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=None, help="cap both runs at this many steps (tests)")
     p.add_argument("--calibrate-steps", type=int, default=10,
                    help="throw-away steps timed first to fit the lr schedule (capped at 5%% of the budget)")
-    p.add_argument("--classifier", default=metrics.CLASSIFIER_NAME)
-    g = p.add_argument_group("this repo's recipe (defaults: diffusion_lab.training.TrainConfig)")
-    g.add_argument("--channels", type=int, nargs=3, default=list(d.channels))
-    g.add_argument("--blocks-per-level", type=int, default=d.blocks_per_level)
-    g.add_argument("--attention", type=int, choices=(0, 1), default=int(d.attention))
+    g = model_options(p, "this repo's recipe")
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--warmup", type=int, default=d.warmup)
     g.add_argument("--ema-decay", type=float, default=d.ema_decay)
@@ -255,14 +244,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    if args.rerender:
-        return {"markdown": str(rerender(args.out, render))}
-    if args.placeholder:
-        return {"placeholder": str(write_placeholder(args.out, TITLE, HEADLINE_COMMAND))}
-    if args.minutes <= 0 and not args.max_steps:
+    if args.minutes <= 0 and not args.max_steps and not (args.rerender or args.placeholder):
         raise SystemExit("error: --minutes must be positive (or give --max-steps)")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    done = early_exit(args, render, TITLE, HEADLINE_COMMAND)
+    if done is not None:
+        return done
     machine = machine_info()
     device = device_of(args)
     t_start = time.perf_counter()

@@ -12,7 +12,6 @@ import torch
 from tqdm.auto import tqdm
 
 from .schedules import NoiseSchedule, eps_from_v, eps_from_x0, x0_from_eps, x0_from_v
-from .utils import append_dims
 
 PREDICTIONS = ("eps", "x0", "v")
 

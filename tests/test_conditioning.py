@@ -191,7 +191,7 @@ def test_style_explorer_builds_and_reacts():
 
     model, schedule, config = _style_model()
     box = widgets.style_explorer(model, schedule, config, n=2, steps=2)
-    (digit, seed), (slant, thickness) = box.children[0].children, box.children[1].children
+    (digit, _seed), (slant, thickness) = box.children[0].children, box.children[1].children
     assert slant.min < config.style_mean[0] < slant.max and thickness.min > 0
     assert thickness.max == pytest.approx(config.style_mean[1] + 2.5 * config.style_std[1], abs=0.01)
     digit.value = 7        # each change redraws; none may raise

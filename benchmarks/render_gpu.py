@@ -6,7 +6,7 @@ measured (see `phase_throughput` in gpu_run.py): one training step of diffusion_
 loss, backward, AdamW; no EMA or gradient clipping — timed over 40 steps after 5 warm-up steps, in fp32 eager,
 bf16-autocast eager and bf16 autocast with torch.compile.
 
-It also renders launch-to-99% (gpu_run.py's `speed*` phases, run by benchmarks/gpu_session.sh, one fresh process
+It also renders launch-to-99% (gpu_run.py's `speed*` phases, run by `benchmarks/gpu_session.sh speed`, one fresh process
 per variant) from the JSON files under benchmarks/results/gpu_h200_speed/, copied unchanged.
 
     python benchmarks/render_gpu.py      # writes benchmarks/results/gpu_h200_throughput.md
@@ -39,7 +39,7 @@ def render_speed(folder: Path) -> str:
                      r["steps_to_99"] or "—", r["steps_to_99"] * c["batch_size"] if r["reached"] else "—"])
     first = json.loads(files[-1].read_text())
     return "\n".join([
-        "**Launch to 99% conditional accuracy on one H200** (`bash benchmarks/gpu_session.sh`, one fresh process per "
+        "**Launch to 99% conditional accuracy on one H200** (`bash benchmarks/gpu_session.sh speed`, one fresh process per "
         "row). Seconds to the end of the training step whose EMA weights first reach >= 99% conditional accuracy "
         "(1,000 samples, DPM-Solver++(2M) 20 steps, guidance 3, the repo's classifier), checked every 50 steps "
         "(100 for `cold_compile_*`), with the evaluation time excluded. The clock starts when the shell "

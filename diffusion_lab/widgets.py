@@ -56,6 +56,19 @@ def _show(output, fig) -> None:
     plt.close(fig)
 
 
+def _redrawn_below(slider, frame):
+    """A slider above an Output that shows frame(slider.value), redrawn whenever the slider moves."""
+    widgets = _ipywidgets()
+    output = widgets.Output()
+
+    def redraw(change=None):
+        _show(output, frame(slider.value))
+
+    slider.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([slider, output])
+
+
 # ------------------------------------------------------------------------------------------ drawing
 def forward_process_frame(schedule: NoiseSchedule, x0: torch.Tensor, t: int, eps: torch.Tensor | None = None,
                           nrow: int | None = None):
@@ -141,14 +154,7 @@ def forward_process_explorer(schedule: NoiseSchedule, x0: torch.Tensor, eps: tor
         raise ValueError(f"eps has shape {tuple(eps.shape)} but x0 has {tuple(x0.shape)}")
     slider = widgets.IntSlider(value=schedule.T // 4, min=0, max=schedule.T - 1, step=1, description="t",
                                continuous_update=False, layout=widgets.Layout(width="500px"))
-    output = widgets.Output()
-
-    def redraw(change=None):
-        _show(output, forward_process_frame(schedule, x0, slider.value, eps, nrow))
-
-    slider.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([slider, output])
+    return _redrawn_below(slider, lambda value: forward_process_frame(schedule, x0, value, eps, nrow))
 
 
 def schedule_explorer(schedules, x0: torch.Tensor | None = None, eps: torch.Tensor | None = None,
@@ -162,14 +168,7 @@ def schedule_explorer(schedules, x0: torch.Tensor | None = None, eps: torch.Tens
         eps = torch.randn(x0.shape, generator=generator) if eps is None else eps
     slider = widgets.FloatSlider(value=0.5, min=0.0, max=1.0, step=0.01, description="t/T",
                                  continuous_update=False, layout=widgets.Layout(width="500px"))
-    output = widgets.Output()
-
-    def redraw(change=None):
-        _show(output, schedule_frame(schedules, slider.value, x0, eps))
-
-    slider.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([slider, output])
+    return _redrawn_below(slider, lambda value: schedule_frame(schedules, value, x0, eps))
 
 
 def image_sequence_explorer(frames, captions=None, nrow: int | None = None):
@@ -180,14 +179,7 @@ def image_sequence_explorer(frames, captions=None, nrow: int | None = None):
         raise ValueError("no frames to show")
     slider = widgets.IntSlider(value=0, min=0, max=len(frames) - 1, step=1, description="frame",
                                continuous_update=False, layout=widgets.Layout(width="500px"))
-    output = widgets.Output()
-
-    def redraw(change=None):
-        _show(output, sequence_frame(frames, slider.value, captions, nrow))
-
-    slider.observe(redraw, names="value")
-    redraw()
-    return widgets.VBox([slider, output])
+    return _redrawn_below(slider, lambda value: sequence_frame(frames, value, captions, nrow))
 
 
 # ------------------------------------------------------------------------------ chapter 07: style codes

@@ -19,3 +19,15 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 def repo_root() -> Path:
     """The repository root (the folder holding pyproject.toml)."""
     return REPO_ROOT
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test with one torch thread: its tensors are tiny, and on a shared CPU the thread pool costs more
+    than it saves. Modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -37,13 +37,7 @@ SMOKE = "smoke check, not a result"
 SCRIPTS = {"train_vs_anchor": train_vs_anchor, "throughput": throughput, "sampling": sampling, "ablation": ablation}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # micro budgets on a shared CPU: torch's thread pool costs more than it saves
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 @pytest.fixture(scope="module")

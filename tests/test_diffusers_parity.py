@@ -31,13 +31,7 @@ from diffusion_lab.unet import UNet  # noqa: E402
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these tensors are tiny: on a shared CPU, torch's thread pool costs far more than it saves
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 # With the same alpha_bar table (`exact_table`), DDIM and DDPM agree to the last bit in float64. DPM-Solver

@@ -18,13 +18,7 @@ from diffusion_lab import checkpoint, sample
 from diffusion_lab.training import TrainConfig, build_model, save_training_state
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny tensors: on a shared CPU torch's thread pool costs more than it saves
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def write_checkpoint(path: Path, **overrides) -> Path:

@@ -85,6 +85,18 @@ def worker(data_file: str, out_dir: str, seed: int) -> None:
     dist.destroy_process_group()
 
 
+def start_torchrun(out_dir: Path, images, labels, seed: int) -> subprocess.Popen:
+    """Two gloo processes running `worker` on these digits (seed < 0: the resume test), writing into out_dir."""
+    data_file = out_dir / "data.pt"
+    torch.save({"images": images, "labels": labels}, data_file)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               __file__, str(data_file), str(out_dir), str(seed)]
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 def last_k_mean(losses) -> float:
     return float(np.mean(losses[-LAST_K:]))
 
@@ -93,16 +105,8 @@ def last_k_mean(losses) -> float:
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ddp")
     images, labels = tiny_data()
-    data_file = tmp / "data.pt"
-    torch.save({"images": images, "labels": labels}, data_file)
-
     # start the 2-process run first, so it overlaps with the 1-process references below
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               __file__, str(data_file), str(tmp), "0"]
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start_torchrun(tmp, images, labels, seed=0)
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -118,16 +122,9 @@ def runs(tmp_path_factory):
 
 
 def test_ddp_resume_keeps_ranks_on_different_data(tmp_path):
-    images, labels = tiny_data()
-    data_file = tmp_path / "data.pt"
-    torch.save({"images": images, "labels": labels}, data_file)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-                           __file__, str(data_file), str(tmp_path), "-1"], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    proc = start_torchrun(tmp_path, *tiny_data(), seed=-1)
+    output, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, f"torchrun failed:\n{output[-3000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["step"] for r in ranks] == [STEPS, STEPS]
     # the losses after the resume come from each rank's own batches: equal losses would mean equal data

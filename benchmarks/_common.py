@@ -21,6 +21,7 @@ import torch
 from diffusion_lab import data, metrics
 from diffusion_lab.samplers import SAMPLERS
 from diffusion_lab.training import TrainConfig, train
+from diffusion_lab.utils import get_device
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -262,12 +263,14 @@ def model_options(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentG
     return g
 
 
-def early_exit(args, render, title: str, headline: str) -> dict | None:
-    """Handle --rerender and --placeholder (returning what was written), else apply --threads and return None."""
+def begin(args, render, title: str, headline: str) -> tuple[dict | None, dict | None, torch.device | None]:
+    """Start a benchmark: (done, machine, device). With --rerender or --placeholder, `done` says what was written
+    and the script returns it. Otherwise --threads is applied, and the machine (its load average now, before any
+    work) and the device are returned."""
     if args.rerender:
-        return {"markdown": str(rerender(args.out, render))}
+        return {"markdown": str(rerender(args.out, render))}, None, None
     if args.placeholder:
-        return {"placeholder": str(write_placeholder(args.out, title, headline))}
+        return {"placeholder": str(write_placeholder(args.out, title, headline))}, None, None
     if args.threads:
         torch.set_num_threads(args.threads)
-    return None
+    return None, machine_info(), get_device(None if args.device == "auto" else args.device)

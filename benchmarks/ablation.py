@@ -32,14 +32,12 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Judge, command_line, fmt, load_average, machine_info,  # noqa: E402
-                     machine_line, markdown_table, real_floor, sample_images, smoke_line, train_for_budget,
-                     base_parser, early_exit, write_results)
+from _common import (Judge, command_line, fmt, load_average, machine_line, markdown_table, real_floor, sample_images, smoke_line, train_for_budget,
+                     base_parser, begin, write_results)
 
 from diffusion_lab import data, metrics  # noqa: E402
 from diffusion_lab.conditioning import guided  # noqa: E402
 from diffusion_lab.training import TrainConfig  # noqa: E402
-from diffusion_lab.utils import get_device  # noqa: E402
 
 VARIANTS = {
     "baseline": ("TrainConfig defaults", {}),
@@ -97,11 +95,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    done = early_exit(args, render, TITLE, HEADLINE_COMMAND)
+    done, machine, device = begin(args, render, TITLE, HEADLINE_COMMAND)
     if done is not None:
         return done
-    machine = machine_info()
-    device = get_device(None if args.device == "auto" else args.device)
     t_start = time.perf_counter()
     images, labels = data.mnist(train=True)
     test_images, _ = data.mnist(train=False)

@@ -28,15 +28,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Judge, command_line, eval_labels, fmt, machine_info,  # noqa: E402
-                     machine_line, markdown_table, real_floor, sample_images, smoke_line, sync,
-                     base_parser, early_exit, write_results)
+from _common import (Judge, command_line, eval_labels, fmt, machine_line, markdown_table, real_floor, sample_images, smoke_line, sync,
+                     base_parser, begin, write_results)
 
 from diffusion_lab import data, metrics  # noqa: E402
 from diffusion_lab.checkpoint import resolve_checkpoint, sha256_of  # noqa: E402
 from diffusion_lab.conditioning import guided  # noqa: E402
 from diffusion_lab.training import load_model  # noqa: E402
-from diffusion_lab.utils import get_device  # noqa: E402
 
 OURS = {"ddim": "ddim", "dpm++2m": "dpm++2m", "ddpm": "ddpm"}
 DIFFUSERS = ("diffusers-ddim", "diffusers-dpm++2m")
@@ -128,12 +126,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    done = early_exit(args, render, TITLE, HEADLINE_COMMAND)
+    done, machine, device = begin(args, render, TITLE, HEADLINE_COMMAND)
     if done is not None:
         return done
-    machine = machine_info()
     t_start = time.perf_counter()
-    device = get_device(None if args.device == "auto" else args.device)
     model, schedule, config = load_model(args.checkpoint, device=device)
     clip = args.clip_x0 or None
     test_images, _ = data.mnist(train=False)

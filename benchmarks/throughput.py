@@ -31,8 +31,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (command_line, fmt, machine_info, machine_line, markdown_table,  # noqa: E402
-                     smoke_line, sync, base_parser, early_exit, model_options, write_results)
+from _common import (command_line, fmt, machine_line, markdown_table,  # noqa: E402
+                     smoke_line, sync, base_parser, begin, model_options, write_results)
 from anchor import AnchorNet, anchor_scheduler, train_step  # noqa: E402
 
 from diffusion_lab import data  # noqa: E402
@@ -40,7 +40,6 @@ from diffusion_lab.conditioning import drop_codes  # noqa: E402
 from diffusion_lab.losses import diffusion_loss  # noqa: E402
 from diffusion_lab.training import TrainConfig, build_model, build_schedule, ema_update  # noqa: E402
 from diffusion_lab.unet import count_parameters  # noqa: E402
-from diffusion_lab.utils import get_device  # noqa: E402
 
 LEVERS = ("channels_last", "bf16", "compile")
 HEADLINE = {"batch": 128, "reps": 5}
@@ -281,12 +280,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     args = parser().parse_args(argv)
-    done = early_exit(args, render, TITLE, HEADLINE_COMMAND)
+    done, machine, device = begin(args, render, TITLE, HEADLINE_COMMAND)
     if done is not None:
         return done
-    machine = machine_info()
     t_start = time.perf_counter()
-    device = get_device(None if args.device == "auto" else args.device)
     if args.variants:
         variants = [parse_variant(v) for v in args.variants]
     else:

@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Judge, command_line, fmt, load_average, machine_info,  # noqa: E402
-                     machine_line, markdown_table, real_floor, sample_images, smoke_line, train_for_budget,
-                     base_parser, early_exit, model_options, write_results)
+from _common import (Judge, command_line, fmt, load_average, machine_line, markdown_table, real_floor, sample_images, smoke_line, train_for_budget,
+                     base_parser, begin, model_options, write_results)
 from anchor import RECIPE, anchor_schedule, train_anchor  # noqa: E402
 
 from diffusion_lab import data, metrics  # noqa: E402
@@ -250,11 +249,9 @@ def main(argv=None) -> dict:
     args = parser().parse_args(argv)
     if args.minutes <= 0 and not args.max_steps and not (args.rerender or args.placeholder):
         raise SystemExit("error: --minutes must be positive (or give --max-steps)")
-    done = early_exit(args, render, TITLE, HEADLINE_COMMAND)
+    done, machine, device = begin(args, render, TITLE, HEADLINE_COMMAND)
     if done is not None:
         return done
-    machine = machine_info()
-    device = device_of(args)
     t_start = time.perf_counter()
     images, labels = data.mnist(train=True)
     test_images, test_labels = data.mnist(train=False)

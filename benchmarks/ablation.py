@@ -12,7 +12,8 @@ Levers (`--variants`; the baseline always runs first):
   compile        torch.compile (its compile time counts)               compile=True      (not in the default list)
   constant_lr    no cosine decay after warm-up                         lr_decay="constant" (not in the default list)
 Each run trains for `--minutes` of wall clock including a short step-time calibration (see
-_common.train_for_budget), then draws `--n-eval` digits with deterministic DDIM (`--sample-steps` steps,
+_common.train_for_budget) or, with `--steps N`, for exactly N steps (step-matched: a fast GPU can then replay
+the step count that a CPU budget allows, to choose levers cheaply; the CPU budget stays the judge), then draws `--n-eval` digits with deterministic DDIM (`--sample-steps` steps,
 guidance 1.0, the same starting noise for every run) and measures classifier-FID against the 10,000 real test
 digits and conditional accuracy with the shipped classifier. A lever is worth keeping when it lowers FID (or
 raises img/s at equal FID) by more than the spread between seeds (`--seeds`).
@@ -37,7 +38,8 @@ from _common import (Judge, command_line, fmt, load_average, machine_line, markd
 
 from diffusion_lab import data, metrics  # noqa: E402
 from diffusion_lab.conditioning import guided  # noqa: E402
-from diffusion_lab.training import TrainConfig  # noqa: E402
+from diffusion_lab.samplers import SAMPLERS  # noqa: E402
+from diffusion_lab.training import TrainConfig, train  # noqa: E402
 
 VARIANTS = {
     "baseline": ("TrainConfig defaults", {}),
@@ -50,6 +52,10 @@ VARIANTS = {
     "bf16": ("bf16 autocast", {"amp": "bf16"}),
     "compile": ("torch.compile", {"compile": True}),
     "constant_lr": ("constant lr after warm-up", {"lr_decay": "constant"}),
+    "ema_0.995": ("EMA 0.995 (a shorter memory)", {"ema_decay": 0.995}),
+    "lr_4e-3": ("peak lr 4e-3", {"lr": 4e-3}),
+    "lr_1e-3": ("peak lr 1e-3", {"lr": 1e-3}),
+    "p_uncond_0.05": ("label dropout 0.05", {"p_uncond": 0.05}),
 }
 DEFAULT_VARIANTS = ["min_snr", "eps", "linear", "no_ema", "no_attention", "channels_last", "bf16"]
 HEADLINE = {"minutes": 5.0, "n_eval": 1000}
@@ -57,12 +63,20 @@ TITLE = "Ablation: one lever at a time"
 HEADLINE_COMMAND = "python benchmarks/ablation.py --minutes 5 --n-eval 1000"
 
 
+def train_steps(config: TrainConfig, steps: int, images, labels) -> dict:
+    """Exactly `steps` steps, no wall-clock budget: the step-matched mode (--steps)."""
+    result = train(replace(config, steps=steps), progress=False, images=images, labels=labels)
+    return result | {"images_seen": result["step"] * config.batch_size, "total_elapsed_s": result["elapsed_s"]}
+
+
 def render(result: dict) -> str:
-    lines = [f"**Ablation: one lever at a time, {fmt(result['minutes'])} min of training each (calibration "
-             f"included), DDIM {result['sample_steps']} steps, guidance 1, {result['n_eval']} samples.**", "",
+    budget = (f"{fmt(result['steps'])} steps of training each" if result.get("steps") else
+              f"{fmt(result['minutes'])} min of training each (calibration included)")
+    lines = [f"**Ablation: one lever at a time, {budget}, {result.get('sampler', 'ddim').upper()} "
+             f"{result['sample_steps']} steps, guidance 1, {result['n_eval']} samples.**", "",
              machine_line(result["machine"]), ""]
     if result["smoke"]:
-        lines += [smoke_line(f"{fmt(result['minutes'])} min, n-eval {result['n_eval']}",
+        lines += [smoke_line(f"{budget}, n-eval {result['n_eval']}",
                              HEADLINE_COMMAND), ""]
     rows = [[r["variant"], r["lever"], r["seed"], r["steps"], r["images_seen"], round(r["images_per_s"], 1),
              r["classifier_fid"], r["conditional_accuracy"], r["fid_vs_baseline"], r["images_per_s_vs_baseline"]]
@@ -83,6 +97,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--n-eval", type=int, default=HEADLINE["n_eval"])
     p.add_argument("--n-reference", type=int, default=0, help="real test digits for FID (0: all 10,000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="train exactly this many steps per run instead of for --minutes (step-matched)")
+    p.add_argument("--sampler", default="ddim", choices=sorted(SAMPLERS))
     p.add_argument("--sample-steps", type=int, default=20)
     p.add_argument("--max-steps", type=int, default=None, help="cap every run at this many steps (tests)")
     p.add_argument("--calibrate-steps", type=int, default=10,
@@ -112,10 +129,11 @@ def main(argv=None) -> dict:
             lever, overrides = VARIANTS[name]
             config = replace(base, seed=seed, **overrides)
             load = load_average()
-            run = train_for_budget(config, args.minutes, images, labels, args.calibrate_steps, args.max_steps)
+            run = (train_steps(config, args.steps, images, labels) if args.steps else
+                   train_for_budget(config, args.minutes, images, labels, args.calibrate_steps, args.max_steps))
             s = sample_images(lambda lab, ema=run["ema"]: guided(ema, lab, None, scale=1.0, num_classes=10),
                               run["schedule"],
-                              args.n_eval, args.sample_steps, config.objective, device, sampler="ddim", seed=seed)
+                              args.n_eval, args.sample_steps, config.objective, device, sampler=args.sampler, seed=seed)
             rows.append({"variant": name, "lever": lever, "seed": seed, "steps": run["step"],
                          "images_seen": run["images_seen"], "images_per_s": run["images_per_s"],
                          "train_s": run["total_elapsed_s"], **judge.score(s["images"], s["labels"]),
@@ -133,7 +151,7 @@ def main(argv=None) -> dict:
         summary[name] = {"fid_mean": statistics.fmean(fids), "fid_spread": max(fids) - min(fids), "seeds": len(fids)}
     result = {"benchmark": "ablation", "command": command_line("ablation.py", argv), "machine": machine,
               "minutes": args.minutes, "n_eval": args.n_eval, "n_reference": judge.n_reference,
-              "sample_steps": args.sample_steps, "seeds": args.seeds, "max_steps": args.max_steps,
+              "steps": args.steps, "sampler": args.sampler, "sample_steps": args.sample_steps, "seeds": args.seeds, "max_steps": args.max_steps,
               "smoke": (args.minutes < HEADLINE["minutes"] or args.n_eval < HEADLINE["n_eval"] or bool(args.max_steps)
                         or bool(args.n_reference)),
               "baseline_summary": (f"channels {tuple(base.channels)}, {base.objective}-prediction, {base.schedule} "

@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_session.sh speed   launch-to-99% with fp32, bf16 and bf16 + torch.compile
 #   bash benchmarks/gpu_session.sh race    chapter 01's GAN-vs-diffusion race, preset full, one process per seed;
 #                                          merge the parts afterwards with gan_vs_diffusion.py --merge
+#   bash benchmarks/gpu_session.sh sweep   step-matched lever sweep: the 1,650 steps that the 20-minute CPU headline
+#                                          trains, replayed per lever and seed (ablation.py --steps)
 set -uo pipefail
 export PYTHONPATH=$PWD DIFFUSION_LAB_DATA=/tmp/mnist_data
 mkdir -p "$DIFFUSION_LAB_DATA/MNIST/raw"
@@ -24,5 +26,11 @@ case "${1:-speed}" in
         for seed in 0 1 2; do
             python benchmarks/gan_vs_diffusion.py --preset full --seeds $seed --out "$OUT/gvd_full_seed$seed.json" 2>&1 | tee -a "$OUT/gvd_log.txt"
         done ;;
-    *) echo "usage: bash benchmarks/gpu_session.sh [speed|race]" >&2; exit 2 ;;
+    sweep)
+        for seed in 1 2 3; do
+            python benchmarks/ablation.py --steps 1650 --seeds $seed --n-eval 2000 \
+                --variants no_attention ema_0.995 lr_4e-3 lr_1e-3 p_uncond_0.05 no_ema \
+                --out "$OUT/sweep_seed$seed.json" 2>&1 | tee -a "$OUT/sweep_log.txt"
+        done ;;
+    *) echo "usage: bash benchmarks/gpu_session.sh [speed|race|sweep]" >&2; exit 2 ;;
 esac

@@ -6,7 +6,10 @@ measured (see `phase_throughput` in gpu_run.py): one training step of diffusion_
 loss, backward, AdamW; no EMA or gradient clipping — timed over 40 steps after 5 warm-up steps, in fp32 eager,
 bf16-autocast eager and bf16 autocast with torch.compile.
 
-It also renders launch-to-99% (gpu_run.py's `speed*` phases, run by `benchmarks/gpu_session.sh speed`, one fresh process
+It also renders the step-matched lever sweep (`benchmarks/gpu_session.sh sweep`: benchmarks/ablation.py --steps
+1650, the step count of the 20-minute CPU headline) from benchmarks/results/gpu_h200_sweep/: the JSON that
+ablation.py wrote and, for a seed whose process was cut off before it wrote its JSON, the rows it printed
+(sweep_seed*_log.txt, the script's stdout, unchanged). And it renders launch-to-99% (gpu_run.py's `speed*` phases, run by `benchmarks/gpu_session.sh speed`, one fresh process
 per variant) from the JSON files under benchmarks/results/gpu_h200_speed/, copied unchanged.
 
     python benchmarks/render_gpu.py      # writes benchmarks/results/gpu_h200_throughput.md
@@ -14,7 +17,9 @@ per variant) from the JSON files under benchmarks/results/gpu_h200_speed/, copie
 from __future__ import annotations
 
 import argparse
+import ast
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -23,6 +28,46 @@ from _common import RESULTS, markdown_table  # noqa: E402
 
 NOT_MEASURED = "Launch to 99% conditional accuracy on the H200 was not measured."
 SPEED = RESULTS / "gpu_h200_speed"
+SWEEP = RESULTS / "gpu_h200_sweep"
+
+
+def sweep_rows(folder: Path) -> list[dict]:
+    """ablation.py's rows: from its JSON where it wrote one, else the dict lines it printed."""
+    rows = [r for f in sorted(folder.glob("sweep_seed*.json")) for r in json.loads(f.read_text())["rows"]]
+    seeds = {r["seed"] for r in rows}
+    for log in sorted(folder.glob("sweep_seed*_log.txt")):
+        printed = [ast.literal_eval(line) for line in log.read_text().splitlines() if line.startswith("{'variant'")]
+        rows += [r for r in printed if r["seed"] not in seeds]
+    return rows
+
+
+def render_sweep(folder: Path) -> str:
+    rows = sweep_rows(folder)
+    if not rows:
+        return "The step-matched lever sweep was not run."
+    base = {r["seed"]: r for r in rows if r["variant"] == "baseline"}
+    table = [[r["variant"], r["lever"], r["seed"], r["steps"], r["classifier_fid"], r["conditional_accuracy"],
+              r["classifier_fid"] / base[r["seed"]]["classifier_fid"],
+              round(100 * (r["conditional_accuracy"] - base[r["seed"]]["conditional_accuracy"]), 2)]
+             for r in sorted(rows, key=lambda r: (r["variant"] != "baseline", r["variant"], r["seed"]))]
+    return "\n".join([
+        f"**Step-matched lever sweep on one H200** (`bash benchmarks/gpu_session.sh sweep`): each lever trained for "
+        f"the {rows[0]['steps']:,} steps (batch 128) that the 20-minute CPU headline reaches, bf16 autocast, then 2,000 "
+        "digits by DDIM 20 steps at guidance 1, scored by the repo's classifier, exactly as in "
+        "`benchmarks/train_vs_anchor.py`. This chooses levers cheaply; the CPU run stays the judge. Seed 1's "
+        "process was cut off by the session's time limit after six of its seven runs, so its rows come from its "
+        "printed log; seed 2 ran three of the levers.", "",
+        markdown_table(["variant", "lever", "seed", "steps", "classifier-FID ↓", "cond. accuracy ↑",
+                        "FID / baseline's", "accuracy − baseline's (points)"], table), "",
+        "An EMA decay d only acts once the warm-up min(d, (1 + n) / (10 + n)) of `training.ema_update` has "
+        f"reached it, at step n = (10d − 1) / (1 − d): {ema_reach(0.995):,} for 0.995 and {ema_reach(0.999):,} for "
+        "0.999. Before that both runs use the same warm-up decay, so at 1,650 steps `ema_0.995` is the baseline "
+        "to the last digit."])
+
+
+def ema_reach(decay: float) -> int:
+    """The first step at which training.ema_update's warm-up (1 + n) / (10 + n) reaches `decay`."""
+    return math.ceil((10 * decay - 1) / (1 - decay))
 
 
 def render_speed(folder: Path) -> str:
@@ -66,7 +111,7 @@ def render(result: dict, source: str) -> str:
         "`benchmarks/gpu_run.py --phases throughput` (40 timed steps after 5 warm-up steps; the warm-up column "
         "includes torch.compile's compile time).", "",
         markdown_table(["precision", "mode", "batch", "ms / step", "img/s", "img/s vs fp32 eager", "warm-up s"], table),
-        "", render_speed(SPEED), "", f"Source: `{source}` (the JSON gpu_run.py wrote, unchanged).", "",
+        "", render_speed(SPEED), "", render_sweep(SWEEP), "", f"Source: `{source}` (the JSON gpu_run.py wrote, unchanged).", "",
         "Command: `python benchmarks/render_gpu.py`"])
 
 

@@ -122,7 +122,7 @@ def run_anchor(args, images, labels, probe: HeldOutProbe, device) -> dict:
 def our_config(args) -> TrainConfig:
     return TrainConfig(channels=tuple(args.channels), blocks_per_level=args.blocks_per_level,
                        attention=bool(args.attention), batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-                       ema_decay=args.ema_decay, seed=args.seed, device=str(device_of(args)), log_every=1,
+                       ema_decay=args.ema_decay, p_uncond=args.p_uncond, seed=args.seed, device=str(device_of(args)), log_every=1,
                        ckpt_every=10**9, amp=args.amp, channels_last=bool(args.channels_last))
 
 
@@ -240,6 +240,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=d.lr)
     g.add_argument("--warmup", type=int, default=d.warmup)
     g.add_argument("--ema-decay", type=float, default=d.ema_decay)
+    g.add_argument("--p-uncond", type=float, default=d.p_uncond, help="label dropout (classifier-free guidance)")
     g.add_argument("--amp", default="none", choices=("none", "bf16", "auto"))
     g.add_argument("--channels-last", type=int, choices=(0, 1), default=0)
     return p
@@ -306,7 +307,8 @@ def main(argv=None) -> dict:
         "ours_config_summary": (f"channels {tuple(config.channels)}, {config.blocks_per_level} block/level, attention "
                                 f"{'on' if config.attention else 'off'}, {config.objective}-prediction, "
                                 f"{config.schedule} schedule, AdamW lr {config.lr:g} warm-up {config.warmup} "
-                                f"then {config.lr_decay}, EMA {config.ema_decay}, amp {config.amp}"),
+                                f"then {config.lr_decay}, EMA {config.ema_decay}, label dropout {config.p_uncond}, "
+                                f"amp {config.amp}"),
         "anchor": anchor_out, "ours": ours_out, "rows": rows,
         "load_average_end": load_average(), "total_wall_s": time.perf_counter() - t_start,
     }

@@ -20,7 +20,7 @@ Protocol (issue 5):
    of images seen — including the anchor's final count. Those probes run inside both clocks and cost both alike.
 
 Run from the repository root (about 2 x 20 min of training plus sampling on a 2-core CPU):
-    python benchmarks/train_vs_anchor.py --minutes 20 --seed 0 --n-eval 2000
+    python benchmarks/train_vs_anchor.py --minutes 20 --seed 0 --n-eval 2000 --amp bf16 --attention 0 --p-uncond 0.05
 writes benchmarks/results/train_vs_anchor.json and .md.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ from diffusion_lab.utils import append_dims, get_device  # noqa: E402
 
 HEADLINE = {"minutes": 20.0, "n_eval": 2000}
 TITLE = "This repo's recipe vs the anchor (Hugging Face diffusion-models-class unit 2, on diffusers)"
-HEADLINE_COMMAND = "python benchmarks/train_vs_anchor.py --minutes 20 --seed 0 --n-eval 2000 --amp bf16"
+HEADLINE_COMMAND = "python benchmarks/train_vs_anchor.py --minutes 20 --seed 0 --n-eval 2000 --amp bf16 --attention 0 --p-uncond 0.05"
 
 
 # --- the common yardstick: held-out eps-MSE -----------------------------------------------------------------

@@ -101,9 +101,11 @@ def test_train_vs_anchor_micro(tmp_path):
     out = tmp_path / "tva.json"
     train_vs_anchor.main(["--minutes", "1", "--max-steps", "2", "--n-eval", "20", "--n-reference", "100",
                           "--sample-steps", "2", "--channels", "8", "16", "16", "--batch-size", "4",
-                          "--calibrate-steps", "1", "--heldout", "8", "--device", "cpu", "--out", str(out)])
+                          "--calibrate-steps", "1", "--heldout", "8", "--attention", "0", "--p-uncond", "0.05",
+                          "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["smoke"] and result["n_eval"] == 20
+    assert result["ours"]["config"]["p_uncond"] == 0.05 and result["ours"]["config"]["attention"] is False
     assert result["anchor"]["step"] == result["ours"]["step"] == 2
     assert [r["recipe"] for r in result["rows"]] == ["anchor", "this repo", "this repo, guided",
                                                      "real training digits (floor at n=20)"]
@@ -191,6 +193,46 @@ def test_ablation_micro(tmp_path):
     out.with_suffix(".md").write_text("stale")
     ablation.main(["--rerender", "--out", str(out)])  # the markdown comes back from the JSON alone
     assert out.with_suffix(".md").read_text() == text
+
+
+def test_ablation_step_matched(tmp_path):
+    """--steps N: every run trains exactly N steps, whatever its speed (the GPU replays a CPU budget's steps)."""
+    out = tmp_path / "ab.json"
+    ablation.main(["--steps", "2", "--n-eval", "20", "--n-reference", "100", "--sample-steps", "2", "--sampler",
+                   "ddpm", "--channels", "8", "16", "16", "--batch-size", "4", "--variants", "p_uncond_0.05",
+                   "--device", "cpu", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["steps"] == 2 and result["sampler"] == "ddpm"
+    assert [(r["variant"], r["steps"], r["images_seen"]) for r in result["rows"]] == [
+        ("baseline", 2, 8), ("p_uncond_0.05", 2, 8)]
+    text = check_markdown(out.with_suffix(".md"), result, ablation)
+    assert "2 steps of training each, DDPM 2 steps" in text
+
+
+def test_gpu_sweep_rows_prefer_json_and_fill_cut_seeds_from_the_log(tmp_path):
+    row = lambda variant, seed, acc: {"variant": variant, "lever": variant, "seed": seed, "steps": 10,  # noqa: E731
+                                      "classifier_fid": 20.0 + seed, "conditional_accuracy": acc}
+    (tmp_path / "sweep_seed2.json").write_text(json.dumps({"rows": [row("baseline", 2, 0.9), row("x", 2, 0.95)]}))
+    printed = [row("baseline", 1, 0.8), row("x", 1, 0.82), row("baseline", 2, 0.1)]  # seed 2's JSON wins
+    (tmp_path / "sweep_seed1_log.txt").write_text("start-up noise\n" + "\n".join(map(repr, printed)) + "\n")
+    rows = render_gpu.sweep_rows(tmp_path)
+    assert sorted((r["seed"], r["variant"], r["conditional_accuracy"]) for r in rows) == [
+        (1, "baseline", 0.8), (1, "x", 0.82), (2, "baseline", 0.9), (2, "x", 0.95)]
+    text = render_gpu.render_sweep(tmp_path)
+    assert "| x | x | 1 | 10 | 21 | 0.82 | 1 | 2 |" in text and "| x | x | 2 | 10 | 22 | 0.95 | 1 | 5 |" in text
+
+
+def test_ema_reach_is_where_the_warm_up_meets_the_decay():
+    from diffusion_lab.training import ema_update
+    for decay in (0.995, 0.999):
+        n = render_gpu.ema_reach(decay)
+        for step, expect_capped in ((n - 1, False), (n, True)):
+            ema, model = (torch.nn.Linear(1, 1, bias=False).double() for _ in range(2))
+            with torch.no_grad():
+                ema.weight.fill_(0.0), model.weight.fill_(1.0)
+            ema_update(ema, model, step, decay)
+            d = 1 - ema.weight.item()  # ema <- d * 0 + (1 - d) * 1
+            assert (abs(d - decay) < 1e-12) == expect_capped, (decay, step, d)
 
 
 def test_placeholder_never_hides_results(tmp_path):

@@ -257,6 +257,8 @@ def test_committed_results_are_what_the_scripts_render(tmp_path):
                 f"{md.name} differs from what {name}.py renders from {js.name}: results must come from the script"
         else:
             assert "Not yet measured on this machine" in md.read_text()
+    for js in RESULTS.glob("train_vs_anchor_seed*.json"):  # repeats of the headline with another seed
+        assert js.with_suffix(".md").read_text().strip() == train_vs_anchor.render(json.loads(js.read_text())).strip()
     gpu_md = render_gpu.main(["--json", str(RESULTS / "gpu_h200_throughput.json"), "--out", str(tmp_path / "g.md")])
     assert gpu_md.read_text() == (RESULTS / "gpu_h200_throughput.md").read_text()
     speed = sorted(render_gpu.SPEED.rglob("*speed_*.json"))

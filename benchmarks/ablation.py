@@ -13,7 +13,8 @@ Levers (`--variants`; the baseline always runs first):
   constant_lr    no cosine decay after warm-up                         lr_decay="constant" (not in the default list)
 Each run trains for `--minutes` of wall clock including a short step-time calibration (see
 _common.train_for_budget) or, with `--steps N`, for exactly N steps (step-matched: a fast GPU can then replay
-the step count that a CPU budget allows, to choose levers cheaply; the CPU budget stays the judge), then draws `--n-eval` digits with deterministic DDIM (`--sample-steps` steps,
+the step count that a CPU budget allows, to choose levers cheaply; the CPU budget stays the judge), then draws
+`--n-eval` digits with `--sampler` (default deterministic DDIM; `--sample-steps` steps,
 guidance 1.0, the same starting noise for every run) and measures classifier-FID against the 10,000 real test
 digits and conditional accuracy with the shipped classifier. A lever is worth keeping when it lowers FID (or
 raises img/s at equal FID) by more than the spread between seeds (`--seeds`).

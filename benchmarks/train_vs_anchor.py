@@ -7,11 +7,12 @@ Protocol (issue 5):
    Our recipe decays its learning rate over a number of steps it must know in advance: it times
    `--calibrate-steps` throw-away steps first (at most 5% of the budget) and fits the step count to the budget
    that is left. That calibration counts against its budget.
-3. Both are sampled the same way: diffusion_lab.samplers (`--sampler`, default deterministic DDIM,
-   `--sample-steps` network evaluations, trailing timesteps, x0_hat clipped to [-1, 1]) from the same starting
-   noise x_T, the anchor with its own float32 betas and eps-prediction, ours with its objective. The anchor gets
-   no guidance (it was trained without label dropout), so ours is compared at guidance 1.0 (plain conditional),
-   and its guided numbers follow as extra rows.
+3. Both are sampled the same way: diffusion_lab.samplers (`--sampler`: default deterministic DDIM, the headline
+   ancestral DDPM, see benchmarks/README.md; `--sample-steps` network evaluations, trailing timesteps, x0_hat
+   clipped to [-1, 1]) from the same starting noise x_T (and, for DDPM, the same noise at every step), the
+   anchor with its own float32 betas and eps-prediction, ours with its objective. The anchor gets no guidance
+   (it was trained without label dropout), so ours is compared at guidance 1.0 (plain conditional), and its
+   guided numbers follow as extra rows.
 4. Scores: classifier-FID of `--n-eval` samples (digits 0..9 cycling) against all 10,000 real test digits, and
    conditional accuracy, both from the shipped classifier (diffusion_lab.metrics). The FID of `--n-eval` real
    training digits is the floor at that sample size.
@@ -20,7 +21,8 @@ Protocol (issue 5):
    of images seen — including the anchor's final count. Those probes run inside both clocks and cost both alike.
 
 Run from the repository root (about 2 x 20 min of training plus sampling on a 2-core CPU):
-    python benchmarks/train_vs_anchor.py --minutes 20 --seed 0 --n-eval 2000 --amp bf16 --attention 0 --p-uncond 0.05
+    python benchmarks/train_vs_anchor.py --minutes 20 --seed 0 --n-eval 2000 --amp bf16 --attention 0 --p-uncond 0.05 \
+        --sampler ddpm --sample-steps 10
 writes benchmarks/results/train_vs_anchor.json and .md.
 """
 from __future__ import annotations
@@ -47,7 +49,12 @@ from diffusion_lab.utils import append_dims, get_device  # noqa: E402
 
 HEADLINE = {"minutes": 20.0, "n_eval": 2000}
 TITLE = "This repo's recipe vs the anchor (Hugging Face diffusion-models-class unit 2, on diffusers)"
-HEADLINE_COMMAND = "python benchmarks/train_vs_anchor.py --minutes 20 --seed 0 --n-eval 2000 --amp bf16 --attention 0 --p-uncond 0.05"
+HEADLINE_COMMAND = ("python benchmarks/train_vs_anchor.py --minutes 20 --seed 0 --n-eval 2000 --amp bf16 --attention 0 "
+                    "--p-uncond 0.05 --sampler ddpm --sample-steps 10")
+# How each sampler draws, for the result's prose (both models use the same one).
+SAMPLER_NOTES = {"ddim": "deterministic, eta 0",
+                 "ddpm": "ancestral, posterior variance beta_tilde, fresh noise each step from the seeded generator",
+                 "dpm++2m": "deterministic second-order multistep"}
 
 
 # --- the common yardstick: held-out eps-MSE -----------------------------------------------------------------
@@ -208,7 +215,8 @@ def render(result: dict) -> str:
                 f"{fmt(r['conditional_accuracy'])} (fraction)", r["conditional_accuracy"] >= 0.97]
                for r in result["rows"] if r["recipe"] == "this repo, guided"]
     lines += [markdown_table(["target (issue 5)", "measured", "met"], checks), ""]
-    lines += [f"Sampling: diffusion_lab `{s['sampler']}`, {s['steps']} network evaluations per image for both "
+    how = s.get("how", SAMPLER_NOTES[s["sampler"]])
+    lines += [f"Sampling: diffusion_lab `{s['sampler']}` ({how}), {s['steps']} network evaluations per image for both "
               f"(guided rows: two per step, batched), trailing timesteps, x0_hat clipped to [-1, 1], the same "
               f"starting noise (seed {s['seed']}). FID: {result['n_eval']} samples against "
               f"{fmt(result['n_reference'])} real test digits on the shipped classifier's features.", "",
@@ -302,7 +310,7 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size, "max_steps": args.max_steps,
         "smoke": (args.minutes < HEADLINE["minutes"] or args.n_eval < HEADLINE["n_eval"] or bool(args.max_steps)
                   or bool(args.n_reference)),
-        "sampling": {"sampler": args.sampler, "steps": args.sample_steps, "eta": 0.0, "clip_x0": 1.0,
+        "sampling": {"sampler": args.sampler, "how": SAMPLER_NOTES[args.sampler], "steps": args.sample_steps, "clip_x0": 1.0,
                      "seed": args.seed, "driver": "diffusion_lab.samplers for both models"},
         "ours_config_summary": (f"channels {tuple(config.channels)}, {config.blocks_per_level} block/level, attention "
                                 f"{'on' if config.attention else 'off'}, {config.objective}-prediction, "

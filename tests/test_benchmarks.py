@@ -102,10 +102,11 @@ def test_train_vs_anchor_micro(tmp_path):
     train_vs_anchor.main(["--minutes", "1", "--max-steps", "2", "--n-eval", "20", "--n-reference", "100",
                           "--sample-steps", "2", "--channels", "8", "16", "16", "--batch-size", "4",
                           "--calibrate-steps", "1", "--heldout", "8", "--attention", "0", "--p-uncond", "0.05",
-                          "--device", "cpu", "--out", str(out)])
+                          "--sampler", "ddpm", "--device", "cpu", "--out", str(out)])
     result = json.loads(out.read_text())
     assert result["smoke"] and result["n_eval"] == 20
     assert result["ours"]["config"]["p_uncond"] == 0.05 and result["ours"]["config"]["attention"] is False
+    assert result["sampling"]["sampler"] == "ddpm" and "ancestral" in result["sampling"]["how"]
     assert result["anchor"]["step"] == result["ours"]["step"] == 2
     assert [r["recipe"] for r in result["rows"]] == ["anchor", "this repo", "this repo, guided",
                                                      "real training digits (floor at n=20)"]
@@ -257,8 +258,9 @@ def test_committed_results_are_what_the_scripts_render(tmp_path):
                 f"{md.name} differs from what {name}.py renders from {js.name}: results must come from the script"
         else:
             assert "Not yet measured on this machine" in md.read_text()
-    for js in RESULTS.glob("train_vs_anchor_seed*.json"):  # repeats of the headline with another seed
-        assert js.with_suffix(".md").read_text().strip() == train_vs_anchor.render(json.loads(js.read_text())).strip()
+    for name, module in SCRIPTS.items():  # other seeds or settings, and earlier runs kept for comparison
+        for js in RESULTS.glob(f"{name}_*.json"):
+            assert js.with_suffix(".md").read_text().strip() == module.render(json.loads(js.read_text())).strip(), js
     gpu_md = render_gpu.main(["--json", str(RESULTS / "gpu_h200_throughput.json"), "--out", str(tmp_path / "g.md")])
     assert gpu_md.read_text() == (RESULTS / "gpu_h200_throughput.md").read_text()
     speed = sorted(render_gpu.SPEED.rglob("*speed_*.json"))

@@ -144,6 +144,18 @@ def test_throughput_micro_counts_the_anchors_flops(tmp_path):
     check_markdown(out.with_suffix(".md"), result, throughput)
 
 
+def test_throughput_peak_tries_both_memory_formats_whatever_the_variants(tmp_path):
+    # the conv peak is the machine's best layout: asking only for eager must not lower it (and flatter the fractions)
+    out = tmp_path / "tp.json"
+    result = throughput.main(["--batch", "2", "--reps", "1", "--warmup", "1", "--matmul-n", "64", "--peak-reps", "1",
+                              "--peak-min-s", "0.01", "--variants", "eager", "--channels", "8", "16", "16",
+                              "--device", "cpu", "--out", str(out)])
+    conv = result["peaks"]["conv"]
+    assert sorted(c["channels_last"] for c in conv) == [False, True]
+    assert result["peaks"]["conv_peak_gflops"]["float32"] == max(
+        max(c["forward_gflops"], c["forward_backward_gflops"]) for c in conv)
+
+
 def test_throughput_levers_parse():
     assert throughput.parse_variant("eager") == frozenset()
     assert throughput.variant_name(throughput.parse_variant("bf16+channels_last")) == "channels_last+bf16"

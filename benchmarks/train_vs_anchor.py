@@ -216,8 +216,8 @@ def render(result: dict) -> str:
                for r in result["rows"] if r["recipe"] == "this repo, guided"]
     lines += [markdown_table(["target (issue 5)", "measured", "met"], checks), ""]
     how = s.get("how", SAMPLER_NOTES[s["sampler"]])
-    lines += [f"Sampling: diffusion_lab `{s['sampler']}` ({how}), {s['steps']} network evaluations per image for both "
-              f"(guided rows: two per step, batched), trailing timesteps, x0_hat clipped to [-1, 1], the same "
+    lines += [f"Sampling: diffusion_lab `{s['sampler']}` ({how}), {s['steps']} network evaluations per image for "
+              f"both (guided rows: two per step, batched), trailing timesteps, x0_hat clipped to [-1, 1], the same "
               f"starting noise (seed {s['seed']}). FID: {result['n_eval']} samples against "
               f"{fmt(result['n_reference'])} real test digits on the shipped classifier's features.", "",
               f"Anchor: {fmt(a['parameters'])} parameters, batch {result['batch_size']}, Adam lr 1e-3, eps-MSE, "
@@ -310,8 +310,8 @@ def main(argv=None) -> dict:
         "batch_size": args.batch_size, "max_steps": args.max_steps,
         "smoke": (args.minutes < HEADLINE["minutes"] or args.n_eval < HEADLINE["n_eval"] or bool(args.max_steps)
                   or bool(args.n_reference)),
-        "sampling": {"sampler": args.sampler, "how": SAMPLER_NOTES[args.sampler], "steps": args.sample_steps, "clip_x0": 1.0,
-                     "seed": args.seed, "driver": "diffusion_lab.samplers for both models"},
+        "sampling": {"sampler": args.sampler, "how": SAMPLER_NOTES[args.sampler], "steps": args.sample_steps,
+                     "clip_x0": 1.0, "seed": args.seed, "driver": "diffusion_lab.samplers for both models"},
         "ours_config_summary": (f"channels {tuple(config.channels)}, {config.blocks_per_level} block/level, attention "
                                 f"{'on' if config.attention else 'off'}, {config.objective}-prediction, "
                                 f"{config.schedule} schedule, AdamW lr {config.lr:g} warm-up {config.warmup} "

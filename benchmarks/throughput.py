@@ -129,10 +129,12 @@ def anchor_stepper(batch: int, device, levers):
     return model, step
 
 
-def count_flops(step) -> int:
+def count_flops(step) -> tuple[int, int]:
+    """FLOPs of one step: (all counted, convolutions forward and backward)."""
     with FlopCounterMode(display=False) as counter:
         step()
-    return counter.get_total_flops()
+    conv = sum(n for op, n in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
+    return counter.get_total_flops(), conv
 
 
 def time_steps(step, device, warmup: int, reps: int) -> tuple[list[float], float]:
@@ -148,6 +150,41 @@ def time_steps(step, device, warmup: int, reps: int) -> tuple[list[float], float
         sync(device)
         times.append(time.perf_counter() - t0)
     return times, warm_s
+
+
+# --- where a step's time goes ----------------------------------------------------------------------------------
+
+PARTS = ("convolution forward", "convolution backward", "normalisation and activations", "everything else")
+NORM_AND_ACTIVATION = ("group_norm", "layer_norm", "batch_norm", "silu", "gelu", "relu", "sigmoid")
+
+
+def part_of(op_name: str) -> str:
+    """The part of the step an operator belongs to, from its profiler name (forward and backward alike, except
+    for convolutions)."""
+    name = op_name.lower()
+    if "conv" in name:
+        return PARTS[1] if "backward" in name else PARTS[0]
+    if any(k in name for k in NORM_AND_ACTIVATION):
+        return PARTS[2]
+    return PARTS[3]  # casts, copies, adds, concatenation, embeddings, loss, optimizer, EMA, compiled kernels
+
+
+def time_breakdown(step, reps: int, conv_flops: int) -> dict:
+    """Profile `reps` steps (CPU only: self time of each operator) and split it into PARTS. `convs alone` is the
+    step's convolution FLOPs over the time its convolution operators took: the rate the step would reach if
+    everything else were free. The profiler adds a little overhead, so its milliseconds exceed the timed ones."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(reps):
+            step()
+    seconds = dict.fromkeys(PARTS, 0.0)
+    for event in prof.key_averages():
+        seconds[part_of(event.key)] += event.self_cpu_time_total / 1e6
+    total = sum(seconds.values())
+    conv_s = (seconds[PARTS[0]] + seconds[PARTS[1]]) / reps
+    return {"shares": {k: v / total for k, v in seconds.items()}, "profiled_ms_per_step": total / reps * 1e3,
+            "conv_ms_per_step": conv_s * 1e3, "conv_gflop_per_step": conv_flops / 1e9,
+            "conv_alone_gflops": conv_flops / conv_s / 1e9}
 
 
 # --- the machine's peaks ------------------------------------------------------------------------------------
@@ -241,6 +278,17 @@ def render(result: dict) -> str:
     lines += [markdown_table(["levers (this repo)", "img/s ÷ anchor's, same levers", "img/s ÷ anchor's eager fp32",
                               "≥ 3 × anchor's eager (issue 5)", "fraction of conv peak", "≥ 0.6 (issue 5)"],
                              checks), ""]
+    profiled = [r for r in result["rows"] if "breakdown" in r]
+    if profiled:
+        parts = [[r["model"], r["variant"], *(r["breakdown"]["shares"][k] for k in PARTS),
+                  r["breakdown"]["conv_alone_gflops"], r["breakdown"]["conv_alone_fraction_of_conv_peak"]]
+                 for r in profiled]
+        lines += [f"Where the step's time goes (share of torch.profiler's self CPU time over {result['reps']} "
+                  f"profiled steps). *Convs alone* divides the step's convolution FLOPs by the time its "
+                  f"convolution operators took: the fraction of the conv peak the step would reach if everything "
+                  f"else were free.", "",
+                  markdown_table(["model", "levers", *PARTS, "convs alone: GFLOP/s", "convs alone ÷ conv peak"],
+                                 parts), ""]
     peak_rows = [[f"matmul {m['n']}x{m['n']}", m["dtype"], "–", m["gflops"], "–"] for m in peaks["matmul"]]
     peak_rows += [["heaviest conv", c["dtype"], c["channels_last"], c["forward_gflops"], c["forward_backward_gflops"]]
                   for c in peaks["conv"]]
@@ -271,6 +319,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (on CPUs, pays with AVX512-BF16 or AMX)")
     p.add_argument("--compile", action="store_true", help="torch.compile both models (slow to warm up)")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also profile each step (CPU only) and report where its time goes")
     p.add_argument("--matmul-n", type=int, default=2048)
     p.add_argument("--peak-reps", type=int, default=3)
     p.add_argument("--peak-min-s", type=float, default=0.5, help="each peak timing repeats until this long")
@@ -283,6 +333,8 @@ def main(argv=None) -> dict:
     done, machine, device = begin(args, render, TITLE, HEADLINE_COMMAND)
     if done is not None:
         return done
+    if args.breakdown and device.type != "cpu":
+        raise SystemExit("--breakdown splits CPU time by operator; on a GPU use torch.profiler with CUDA activity")
     t_start = time.perf_counter()
     if args.variants:
         variants = [parse_variant(v) for v in args.variants]
@@ -313,7 +365,7 @@ def main(argv=None) -> dict:
     for levers in variants:
         for name, make in (("this repo", lambda lv: ours_stepper(config, args.batch, device, lv)),
                            ("anchor", lambda lv: anchor_stepper(args.batch, device, lv))):
-            flops = count_flops(make(levers - {"compile"})[1])  # eager: the same arithmetic, countable
+            flops, conv_flops = count_flops(make(levers - {"compile"})[1])  # eager: the same arithmetic, countable
             _, step = make(levers)
             times, warm_s = time_steps(step, device, args.warmup, args.reps)
             median = statistics.median(times)
@@ -324,6 +376,10 @@ def main(argv=None) -> dict:
             row["dtype"] = "bfloat16" if "bf16" in levers else "float32"
             row["fraction_of_conv_peak"] = row["achieved_gflops"] / conv_peaks[row["dtype"]]
             row["fraction_of_matmul_peak"] = row["achieved_gflops"] / matmul_peaks[row["dtype"]]
+            if args.breakdown:
+                row["breakdown"] = time_breakdown(step, args.reps, conv_flops)
+                row["breakdown"]["conv_alone_fraction_of_conv_peak"] = (row["breakdown"]["conv_alone_gflops"]
+                                                                        / conv_peaks[row["dtype"]])
             rows.append(row)
             print({k: v for k, v in row.items() if k != "step_times_s"}, flush=True)
     # the anchor's recipe is eager fp32: the issue's target compares our step, with whatever levers, against it

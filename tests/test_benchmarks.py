@@ -156,6 +156,29 @@ def test_throughput_peak_tries_both_memory_formats_whatever_the_variants(tmp_pat
         max(c["forward_gflops"], c["forward_backward_gflops"]) for c in conv)
 
 
+def test_throughput_breakdown_splits_the_step(tmp_path):
+    out = tmp_path / "tp.json"
+    result = throughput.main(["--batch", "4", "--reps", "2", "--warmup", "1", "--matmul-n", "64", "--peak-reps", "1",
+                              "--peak-min-s", "0.01", "--variants", "eager", "--channels", "8", "16", "16",
+                              "--breakdown", "--device", "cpu", "--out", str(out)])
+    for r in result["rows"]:
+        b = r["breakdown"]
+        assert set(b["shares"]) == set(throughput.PARTS) and sum(b["shares"].values()) == pytest.approx(1)
+        assert b["shares"]["convolution forward"] > 0 and b["shares"]["convolution backward"] > 0
+        # the convolutions are only part of the step, so alone they run faster than the whole step does
+        assert b["conv_alone_gflops"] > r["achieved_gflops"] and 0 < b["conv_gflop_per_step"] <= r["gflop_per_step"]
+    text = check_markdown(out.with_suffix(".md"), result, throughput)
+    assert "convs alone ÷ conv peak" in text
+
+
+def test_throughput_parts_of_a_step():
+    assert throughput.part_of("aten::mkldnn_convolution") == "convolution forward"
+    assert throughput.part_of("aten::convolution_backward") == "convolution backward"
+    assert throughput.part_of("aten::native_group_norm_backward") == "normalisation and activations"
+    assert throughput.part_of("aten::silu") == "normalisation and activations"
+    assert throughput.part_of("Optimizer.step#AdamW.step") == "everything else"
+
+
 def test_throughput_levers_parse():
     assert throughput.parse_variant("eager") == frozenset()
     assert throughput.variant_name(throughput.parse_variant("bf16+channels_last")) == "channels_last+bf16"

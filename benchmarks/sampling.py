@@ -6,7 +6,7 @@ Samplers:
 - diffusers: `DDIMScheduler` and `DPMSolverMultistepScheduler` (dpmsolver++, order 2), configured to mean the
   same thing as ours (see tests/test_diffusers_parity.py): `trained_betas` = our betas, the model's own
   `prediction_type` (our models default to v-prediction: "v_prediction"), `timestep_spacing="trailing"`,
-  DDIM with `set_alpha_to_one=True`, DPM-Solver with `final_sigmas_type="zero"` and `lower_order_final=True`.
+  DDIM with `set_alpha_to_one=True` and `use_clipped_model_output=True`, DPM-Solver with `final_sigmas_type="zero"` and `lower_order_final=True`.
 x0_hat clipping: ours and diffusers' DDIM clip x0_hat to [-`--clip-x0`, `--clip-x0`] (0: no clipping);
 diffusers' DPM-Solver offers only dynamic thresholding, so it always runs unclipped. `--clip-x0 0` makes every
 pair exactly comparable.
@@ -59,6 +59,12 @@ def diffusers_scheduler(name: str, schedule, prediction: str, clip_x0: float | N
     raise ValueError(f"unknown diffusers sampler {name!r}; choose one of {', '.join(DIFFUSERS)}")
 
 
+def step_options(name: str) -> dict:
+    # Ours re-derives eps_hat from the clipped x0_hat (as Ho et al.'s code does). diffusers' DDIM does so only when
+    # asked; by default it pairs the clipped x0_hat with the unclipped eps_hat, which is a different sampler.
+    return {"use_clipped_model_output": True} if name == "diffusers-ddim" else {}
+
+
 @torch.no_grad()
 def sample_diffusers(name, denoiser_for, schedule, n, steps, prediction, device, seed=0, batch=500, clip_x0=1.0):
     """Like _common.sample_images, with a diffusers scheduler doing the stepping (a fresh one per batch: diffusers
@@ -75,7 +81,7 @@ def sample_diffusers(name, denoiser_for, schedule, n, steps, prediction, device,
         model = denoiser_for(lab)
         for t in scheduler.timesteps:
             out = model(x, t.expand(len(x)))
-            x = scheduler.step(out, t, x).prev_sample
+            x = scheduler.step(out, t, x, **step_options(name)).prev_sample
         images.append(data.from_unit_range(x.float()).cpu()[:, 0])
     sync(device)
     seconds = time.perf_counter() - start
@@ -104,7 +110,8 @@ def render(result: dict) -> str:
               table("classifier_fid"), "", "Conditional accuracy ↑", "", table("conditional_accuracy"), "",
               f"Milliseconds per image (batch {result['batch']})", "", table("seconds_per_image", 1e3), "",
               f"Model: {result['model_summary']}. Same starting noise for every sampler; x0_hat clipping "
-              f"{fmt(result['clip_x0']) if result['clip_x0'] else 'off'} for ours and diffusers' DDIM, none for "
+              f"{fmt(result['clip_x0']) if result['clip_x0'] else 'off'} for ours and diffusers' DDIM (both re-derive "
+              f"eps_hat from the clipped x0_hat; diffusers with use_clipped_model_output=True), none for "
               f"diffusers' DPM-Solver. diffusers' DDIM steps from t to t - T/NFE, so it matches ours only when NFE "
               f"divides T = {result['T']}.", "", f"Command: `{result['command']}`"]
     return "\n".join(lines)

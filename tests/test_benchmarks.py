@@ -215,6 +215,24 @@ def test_diffusers_drivers_draw_the_same_digits_as_ours(name):
     assert diff.max() <= 1, "a convention mismatch moves pixels by far more than one grey level"
 
 
+def test_diffusers_ddim_clips_as_ours_does():
+    # ours re-derives eps_hat from the clipped x0_hat; diffusers' DDIM keeps the unclipped eps_hat unless told
+    # otherwise (use_clipped_model_output). A random UNet with large weights makes the clip bind and matter.
+    torch.manual_seed(0)
+    net = UNet(channels=(8, 16, 16), num_classes=10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.3)
+    net.eval()
+    schedule = NoiseSchedule.from_name("cosine", 1000)
+    denoiser_for = lambda lab: (lambda x_t, t: net(x_t, t, lab))  # noqa: E731
+    ours = _common.sample_images(denoiser_for, schedule, 6, 10, "v", torch.device("cpu"), sampler="ddim", clip_x0=1.0)
+    theirs = sampling.sample_diffusers("diffusers-ddim", denoiser_for, schedule, 6, 10, "v", torch.device("cpu"),
+                                       clip_x0=1.0)
+    assert ((ours["images"] == 0) | (ours["images"] == 255)).float().mean() > 0.1  # the clip binds
+    assert (ours["images"].int() - theirs["images"].int()).abs().max() <= 1
+
+
 def test_ablation_micro(tmp_path):
     out = tmp_path / "ab.json"
     ablation.main(["--minutes", "1", "--max-steps", "1", "--n-eval", "20", "--n-reference", "100",

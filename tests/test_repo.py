@@ -199,6 +199,9 @@ def test_notebook_is_committed_without_outputs(path):
     ]
     assert not dirty, f"{path.name}: cells {dirty} carry outputs or execution counts; run `python tools/new_notebook.py strip`"
     assert "widgets" not in nb.get("metadata", {}), f"{path.name}: saved widget state in metadata"
+    # nbformat 4.5 requires a unique id on every cell (a missing one is a warning in the book build today)
+    ids = [c.get("id") for c in nb["cells"]]
+    assert None not in ids and len(set(ids)) == len(ids), f"{path.name}: cells without an id, or repeated ids"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=NB_IDS)

@@ -286,7 +286,8 @@ def render(result: dict) -> str:
         lines += [f"Where the step's time goes (share of torch.profiler's self CPU time over {result['reps']} "
                   f"profiled steps). *Convs alone* divides the step's convolution FLOPs by the time its "
                   f"convolution operators took: the fraction of the conv peak the step would reach if everything "
-                  f"else were free.", "",
+                  f"else were free. Under torch.compile the kernels it generates, normalisation included, count as "
+                  f"everything else.", "",
                   markdown_table(["model", "levers", *PARTS, "convs alone: GFLOP/s", "convs alone ÷ conv peak"],
                                  parts), ""]
     peak_rows = [[f"matmul {m['n']}x{m['n']}", m["dtype"], "–", m["gflops"], "–"] for m in peaks["matmul"]]

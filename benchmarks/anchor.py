@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffusion_lab import data
+from diffusion_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion_lab.schedules import NoiseSchedule
 from diffusion_lab.utils import seed_everything
 
@@ -64,6 +65,22 @@ def anchor_schedule(scheduler: DDPMScheduler | None = None) -> NoiseSchedule:
     """The anchor's noise schedule as a diffusion_lab NoiseSchedule (its own float32 betas, held in float64),
     so that diffusion_lab's samplers can drive the anchor with exactly the noise levels it was trained on."""
     return NoiseSchedule((scheduler or anchor_scheduler()).betas.double(), name="anchor-squaredcos_cap_v2")
+
+
+def save_anchor(path, model: AnchorNet, step: int) -> str:
+    """Write a trained anchor as safetensors (diffusion_lab.checkpoint: atomic, with its SHA-256 returned)."""
+    meta = {"anchor": RECIPE, "step": step, "format": "diffusion_lab/anchor/1"}
+    return save_checkpoint(path, {f"model.{k}": v for k, v in model.state_dict().items()}, meta)
+
+
+def load_anchor(path, device: torch.device | str = "cpu") -> tuple[AnchorNet, NoiseSchedule]:
+    """A saved anchor, in eval mode, and its noise schedule: ready for diffusion_lab's samplers (eps-prediction)."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("format") != "diffusion_lab/anchor/1":
+        raise CheckpointError(f"{path} is not an anchor checkpoint (format {meta.get('format')!r})")
+    model = AnchorNet()
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items()})
+    return model.to(device).eval(), anchor_schedule()
 
 
 def train_step(model: AnchorNet, scheduler: DDPMScheduler, optimizer, x0: torch.Tensor, labels: torch.Tensor,

@@ -28,6 +28,7 @@ writes benchmarks/results/train_vs_anchor.json and .md.
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 import sys
 import time
 from pathlib import Path
@@ -37,9 +38,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (Judge, command_line, fmt, load_average, machine_line, markdown_table, real_floor, sample_images, smoke_line, train_for_budget,
                      base_parser, begin, model_options, write_results)
-from anchor import RECIPE, anchor_schedule, train_anchor  # noqa: E402
+from anchor import RECIPE, anchor_schedule, save_anchor, train_anchor  # noqa: E402
 
 from diffusion_lab import data, metrics  # noqa: E402
+from diffusion_lab.checkpoint import save_checkpoint  # noqa: E402
 from diffusion_lab.conditioning import guided  # noqa: E402
 from diffusion_lab.samplers import SAMPLERS  # noqa: E402
 from diffusion_lab.schedules import eps_from_v, eps_from_x0, q_sample  # noqa: E402
@@ -124,6 +126,20 @@ def run_anchor(args, images, labels, probe: HeldOutProbe, device) -> dict:
     result.update(curve=curve, load_average_start=load, heldout_eps_mse=final, recipe=RECIPE,
                   parameters=count_parameters(result["model"]))
     return result
+
+
+def save_models(folder: Path, seed: int, anchor: dict, ours: dict) -> dict:
+    """Both trained models, so that other samplers can score the same weights later: anchor.load_anchor and
+    diffusion_lab.training.load_model read them (and `sampling.py --checkpoint` takes ours)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"anchor": folder / f"anchor-seed{seed}.safetensors", "ours": folder / f"ours-seed{seed}.safetensors"}
+    saved = {"anchor": {"path": str(paths["anchor"]),
+                        "sha256": save_anchor(paths["anchor"], anchor["model"], anchor["step"])}}
+    tensors = {f"{prefix}.{k}": v for prefix, net in (("model", ours["model"]), ("ema", ours["ema"]))
+               for k, v in net.state_dict().items()}
+    meta = {"train": asdict(ours["config"]), "step": ours["step"], "format": "diffusion_lab/1"}
+    saved["ours"] = {"path": str(paths["ours"]), "sha256": save_checkpoint(paths["ours"], tensors, meta)}
+    return saved
 
 
 def our_config(args) -> TrainConfig:
@@ -242,6 +258,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", type=int, default=512, help="held-out test digits for the eps-MSE probe")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="both recipes (the anchor's is 128)")
     p.add_argument("--max-steps", type=int, default=None, help="cap both runs at this many steps (tests)")
+    p.add_argument("--save", default=None, metavar="DIR",
+                   help="also write both trained models here (anchor-seedN / ours-seedN .safetensors)")
     p.add_argument("--calibrate-steps", type=int, default=10,
                    help="throw-away steps timed first to fit the lr schedule (capped at 5%% of the budget)")
     g = model_options(p, "this repo's recipe")
@@ -274,6 +292,7 @@ def main(argv=None) -> dict:
     ours = run_ours(args, images, labels, probe, anchor["images_seen"])
     print(f"ours: {ours['step']} steps, {ours['images_per_s']:.1f} img/s", flush=True)
     config = ours["config"]
+    saved = save_models(Path(args.save), args.seed, anchor, ours) if args.save else None  # before sampling
 
     def score(name, guidance, denoiser_for, schedule, prediction):
         s = sample_images(denoiser_for, schedule, args.n_eval, args.sample_steps, prediction, device,
@@ -317,7 +336,7 @@ def main(argv=None) -> dict:
                                 f"{config.schedule} schedule, AdamW lr {config.lr:g} warm-up {config.warmup} "
                                 f"then {config.lr_decay}, EMA {config.ema_decay}, label dropout {config.p_uncond}, "
                                 f"amp {config.amp}"),
-        "anchor": anchor_out, "ours": ours_out, "rows": rows,
+        "anchor": anchor_out, "ours": ours_out, "rows": rows, "saved": saved,
         "load_average_end": load_average(), "total_wall_s": time.perf_counter() - t_start,
     }
     ours_row = next(r for r in rows if r["recipe"] == "this repo")

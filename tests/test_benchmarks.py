@@ -30,7 +30,8 @@ import throughput  # noqa: E402
 import train_vs_anchor  # noqa: E402
 
 from diffusion_lab.schedules import NoiseSchedule  # noqa: E402
-from diffusion_lab.training import TrainConfig, train  # noqa: E402
+from diffusion_lab.checkpoint import CheckpointError  # noqa: E402
+from diffusion_lab.training import TrainConfig, load_model, train  # noqa: E402
 from diffusion_lab.unet import UNet  # noqa: E402
 
 SMOKE = "smoke check, not a result"
@@ -102,8 +103,18 @@ def test_train_vs_anchor_micro(tmp_path):
     train_vs_anchor.main(["--minutes", "1", "--max-steps", "2", "--n-eval", "20", "--n-reference", "100",
                           "--sample-steps", "2", "--channels", "8", "16", "16", "--batch-size", "4",
                           "--calibrate-steps", "1", "--heldout", "8", "--attention", "0", "--p-uncond", "0.05",
-                          "--sampler", "ddpm", "--device", "cpu", "--out", str(out)])
+                          "--sampler", "ddpm", "--device", "cpu", "--save", str(tmp_path / "models"),
+                          "--out", str(out)])
     result = json.loads(out.read_text())
+    # the saved models load back, each through its own loader, and the anchor's loader refuses ours
+    ours_model, _, ours_config = load_model(result["saved"]["ours"]["path"])
+    assert ours_config.attention is False and ours_config.channels == (8, 16, 16)
+    anchor_model, anchor_sched = anchor.load_anchor(result["saved"]["anchor"]["path"])
+    x, t, lab = torch.zeros(2, 1, 28, 28), torch.tensor([5, 500]), torch.tensor([1, 2])
+    assert anchor_model(x, t, lab).shape == ours_model(x, t, lab).shape == (2, 1, 28, 28)
+    assert anchor_sched.T == 1000
+    with pytest.raises(CheckpointError, match="not an anchor checkpoint"):
+        anchor.load_anchor(result["saved"]["ours"]["path"])
     assert result["smoke"] and result["n_eval"] == 20
     assert result["ours"]["config"]["p_uncond"] == 0.05 and result["ours"]["config"]["attention"] is False
     assert result["sampling"]["sampler"] == "ddpm" and "ancestral" in result["sampling"]["how"]

@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCH))
 pytest.importorskip("diffusers", reason="the anchor is built on diffusers (in the [test] extra)")
 import _common  # noqa: E402
 import ablation  # noqa: E402
+import plot_curves  # noqa: E402
 import anchor  # noqa: E402
 import render_gpu  # noqa: E402
 import sampling  # noqa: E402
@@ -228,6 +229,14 @@ def test_diffusers_drivers_draw_the_same_digits_as_ours(name, clip, scale):
         assert ((ours["images"] == 0) | (ours["images"] == 255)).float().mean() > 0.1  # the clip binds
     diff = (ours["images"].int() - theirs["images"].int()).abs()
     assert diff.max() <= 1, "a convention mismatch moves pixels by far more than one grey level"
+
+
+def test_plot_curves_draws_the_committed_runs(tmp_path):
+    png = plot_curves.main(["--out", str(tmp_path / "curves.png")])
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert (RESULTS / "train_vs_anchor_curves.png").exists(), "run python benchmarks/plot_curves.py"
+    with pytest.raises(SystemExit, match="not a train_vs_anchor result"):
+        plot_curves.main(["--runs", str(RESULTS / "sampling.json"), "--out", str(tmp_path / "x.png")])
 
 
 def test_ablation_micro(tmp_path):

@@ -6,7 +6,8 @@ Samplers:
 - diffusers: `DDIMScheduler` and `DPMSolverMultistepScheduler` (dpmsolver++, order 2), configured to mean the
   same thing as ours (see tests/test_diffusers_parity.py): `trained_betas` = our betas, the model's own
   `prediction_type` (our models default to v-prediction: "v_prediction"), `timestep_spacing="trailing"`,
-  DDIM with `set_alpha_to_one=True` and `use_clipped_model_output=True`, DPM-Solver with `final_sigmas_type="zero"` and `lower_order_final=True`.
+  DDIM with `set_alpha_to_one=True` and `use_clipped_model_output=True`, DPM-Solver with
+  `final_sigmas_type="zero"` and `lower_order_final=True`.
 x0_hat clipping: ours and diffusers' DDIM clip x0_hat to [-`--clip-x0`, `--clip-x0`] (0: no clipping);
 diffusers' DPM-Solver offers only dynamic thresholding, so it always runs unclipped. `--clip-x0 0` makes every
 pair exactly comparable.

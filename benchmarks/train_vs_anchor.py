@@ -28,9 +28,9 @@ writes benchmarks/results/train_vs_anchor.json and .md.
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch

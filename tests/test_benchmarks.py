@@ -23,6 +23,7 @@ sys.path.insert(0, str(BENCH))
 pytest.importorskip("diffusers", reason="the anchor is built on diffusers (in the [test] extra)")
 import _common  # noqa: E402
 import ablation  # noqa: E402
+import anchor_samplers  # noqa: E402
 import plot_curves  # noqa: E402
 import anchor  # noqa: E402
 import render_gpu  # noqa: E402
@@ -36,7 +37,8 @@ from diffusion_lab.training import TrainConfig, load_model, train  # noqa: E402
 from diffusion_lab.unet import UNet  # noqa: E402
 
 SMOKE = "smoke check, not a result"
-SCRIPTS = {"train_vs_anchor": train_vs_anchor, "throughput": throughput, "sampling": sampling, "ablation": ablation}
+SCRIPTS = {"train_vs_anchor": train_vs_anchor, "throughput": throughput, "sampling": sampling, "ablation": ablation,
+           "anchor_samplers": anchor_samplers}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -229,6 +231,23 @@ def test_diffusers_drivers_draw_the_same_digits_as_ours(name, clip, scale):
         assert ((ours["images"] == 0) | (ours["images"] == 255)).float().mean() > 0.1  # the clip binds
     diff = (ours["images"].int() - theirs["images"].int()).abs()
     assert diff.max() <= 1, "a convention mismatch moves pixels by far more than one grey level"
+
+
+def test_anchor_samplers_micro(tmp_path):
+    # train a 2-step anchor, save it as train_vs_anchor --save would, and score the saved weights four ways
+    trained = anchor.train_anchor(steps=2, batch_size=4)
+    path = tmp_path / "anchor-seed0.safetensors"
+    anchor.save_anchor(path, trained["model"], trained["step"])
+    out = tmp_path / "as.json"
+    result = anchor_samplers.main(["--anchor", str(path), "--n-eval", "10", "--n-course", "2", "--course-steps", "20",
+                                   "--device", "cpu", "--out", str(out)])
+    assert result["smoke"] and result["anchor_source"] == "loaded from anchor-seed0.safetensors"
+    assert [(r["sampler"], r["nfe"]) for r in result["rows"]] == [
+        ("diffusion_lab ddpm", 10), ("diffusion_lab ddim", 20), ("diffusion_lab ddpm", 100),
+        ("course loop (diffusers DDPMScheduler)", 20)]
+    assert result["rows"][-1]["classifier_fid"] is None and result["rows"][-1]["n"] == 2
+    assert all(0 <= r["conditional_accuracy"] <= 1 and r["seconds_per_image"] > 0 for r in result["rows"])
+    check_markdown(out.with_suffix(".md"), result, anchor_samplers)
 
 
 def test_plot_curves_draws_the_committed_runs(tmp_path):

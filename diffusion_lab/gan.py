@@ -17,9 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .utils import get_device, seed_everything
+from .utils import IMAGE_SIZE, get_device, seed_everything
 
-IMAGE_SIZE = 28
 
 
 class Generator(nn.Module):

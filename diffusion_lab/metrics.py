@@ -25,10 +25,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffusion_lab import checkpoint, data
-from diffusion_lab.utils import get_device, seed_everything
+from diffusion_lab.utils import NUM_CLASSES, get_device, seed_everything
 
 CLASSIFIER_NAME = "mnist-classifier"
-NUM_CLASSES = 10
 
 
 # ----------------------------------------------------------------------------------------------------------

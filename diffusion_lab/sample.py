@@ -23,13 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .checkpoint import SHIPPED, CheckpointError, atomic_write_bytes, resolve_checkpoint, sha256_of
+from .checkpoint import SHIPPED, CheckpointError, resolve_checkpoint, sha256_of
+from .utils import NUM_CLASSES, atomic_write_bytes
 from .conditioning import guided, style_code
 from .samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_dpm_solver_pp
 from .training import load_model
 
-NUM_CLASSES = 10
-LABEL_MODES = ("cycle", "random")
 
 
 def parse_labels(spec: str, n: int, seed: int = 0) -> torch.Tensor:

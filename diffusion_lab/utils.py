@@ -1,4 +1,5 @@
-"""Small shared helpers: seeding, device choice, shape broadcasting and run profiles.
+"""Small shared helpers: seeding, device choice, shape broadcasting, run profiles, atomic writes, and the
+few constants every module shares (defined here once).
 
 Introduced in chapter 00 (quickstart); every other module may import this one, and it imports none of them.
 """
@@ -6,10 +7,14 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
+IMAGE_SIZE = 28      # MNIST's side in pixels
+NUM_CLASSES = 10     # the digits 0..9; the label 10 is the null code of classifier-free guidance
 PROFILES = ("smoke", "demo", "full")
 PROFILE_ENV = "DIFFUSION_LAB_PROFILE"
 
@@ -58,3 +63,22 @@ def profile() -> str:
 def by_profile(smoke, demo, full):
     """Pick the value for the current run profile, e.g. `steps = by_profile(smoke=5, demo=800, full=20_000)`."""
     return {"smoke": smoke, "demo": demo, "full": full}[profile()]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename: a kill (or a second process writing
+    the same file) never leaves half a file behind. The file is readable by every user, like a plain write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -37,7 +37,7 @@ NETS = {"unet", "mlp", "gan", "nets", "baselines"}  # networks never import sche
 
 ALLOWED_IMPORTS: dict[str, set[str] | str] = {
     "utils": set(),
-    "checkpoint": set(),
+    "checkpoint": {"utils"},
     "schedules": {"utils"},
     "losses": {"schedules", "utils"},
     "samplers": {"schedules", "utils"},

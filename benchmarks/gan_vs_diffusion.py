@@ -155,7 +155,7 @@ def gan_fid_curve(images, judge: FIDJudge, budget_s: float, evals: int, n_fid: i
         if timer.now() < next_eval:
             return False
         wall, cpu = timer.read()
-        fid = timer.evaluation(lambda: judge(gan.sample_gan(G, n_fid, rng=torch.Generator().manual_seed(10_000 + seed))))
+        fid = timer.evaluation(lambda: judge(gan.sample_gan(G, n_fid, generator=torch.Generator().manual_seed(10_000 + seed))))
         curve.append(_point(timer, step, fid, elapsed, cpu))  # train_gan's own wall clock leaves out its set-up
         next_eval += budget_s / evals
         return curve[-1]["time_s"] >= budget_s
@@ -231,7 +231,7 @@ def sampling_cost(cfg: dict, device, z_dim: int = 64) -> dict:
     config = diffusion_config(0, cfg["batch_size"], cfg["unet_channels"], device)
     unet, schedule = build_model(config).to(device).eval(), build_schedule(config)
     timings = {}
-    for name, draw in (("gan", lambda: gan.sample_gan(G, n, rng=torch.Generator().manual_seed(0))),
+    for name, draw in (("gan", lambda: gan.sample_gan(G, n, generator=torch.Generator().manual_seed(0))),
                        ("diffusion", lambda: sample_diffusion(unet, schedule, n, steps, 0, device, config.objective))):
         draw()  # warm-up
         _sync(device)
@@ -291,7 +291,7 @@ def compare(preset: str = "demo", device=None, classifier=None, progress: bool =
             if name == "gan":
                 run = gan_fid_curve(train_images, judge, cfg["budget_s"], cfg["evals"], cfg["n_fid"], seed, device,
                                     cfg["batch_size"], cfg["gan_width"], clock=cfg["clock"])
-                samples = gan.sample_gan(run["generator"], cfg["n_hist"], rng=torch.Generator().manual_seed(7))
+                samples = gan.sample_gan(run["generator"], cfg["n_hist"], generator=torch.Generator().manual_seed(7))
                 extra = {"d_losses": _thin(run["d_losses"]), "g_losses": _thin(run["g_losses"])}
             else:
                 run = diffusion_fid_curve(train_images, train_labels, judge, cfg["budget_s"], cfg["evals"], cfg["n_fid"],

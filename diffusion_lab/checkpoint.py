@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors import SafetensorError
@@ -19,10 +20,18 @@ from safetensors.torch import save as st_save_bytes
 
 from .utils import atomic_write_bytes
 
-# name -> SHA-256 of checkpoints/<name>.safetensors. Updated only by a retraining whose model card says so.
-SHIPPED: dict[str, str] = {
-    "mnist-classifier": "1e438f92dc9de1f4643ee20a4909c98ef1201ab9b09d9f3137c2f7e8385a16db",
-    "mnist-cond": "660122e12197e9e8ece7691acbdba3a694acb11c7f97aa8a42d8ec4976e10678",
+
+
+class Shipped(NamedTuple):
+    sha256: str   # of checkpoints/<name>.safetensors
+    kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set)
+
+
+# name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.
+SHIPPED: dict[str, Shipped] = {
+    "mnist-classifier": Shipped("1e438f92dc9de1f4643ee20a4909c98ef1201ab9b09d9f3137c2f7e8385a16db", "classifier"),
+    "mnist-cond": Shipped("d244664377cbaed1ade1ef569d540ebf65a51d3707fd452b32f5110faaf77734", "diffusion"),
+    "ch05-denoisers": Shipped("06ec96a2ba99cb2efe0c6a58ed99e3a01fe4ef0757ec9a35ca26e310b9978e73", "denoisers"),
 }
 
 CHECKPOINT_ENV = "DIFFUSION_LAB_CHECKPOINTS"
@@ -58,7 +67,7 @@ def resolve_checkpoint(name_or_path: str | os.PathLike) -> tuple[Path, str | Non
     """Map a shipped name (e.g. "mnist-cond") or a path to (file, expected SHA-256 or None)."""
     text = str(name_or_path)
     if text in SHIPPED:
-        return checkpoint_dir() / f"{text}.safetensors", SHIPPED[text]
+        return checkpoint_dir() / f"{text}.safetensors", SHIPPED[text].sha256
     path = Path(text)
     if path.suffix != ".safetensors" and not path.exists():
         shipped = ", ".join(sorted(SHIPPED)) or "none yet"

@@ -35,50 +35,66 @@ def null_style(batch: int, dim: int, device=None) -> torch.Tensor:
     return torch.zeros(batch, dim, device=device)
 
 
-def drop_codes(labels: torch.Tensor | None, style: torch.Tensor | None, num_classes: int | None, p_drop: float,
-               p_drop_style: float = 0.0, generator: torch.Generator | None = None):
-    """Classifier-free-guidance dropout. With probability p_drop a sample loses its whole code (null label and
-    null style), so the network also learns the unconditional model. With a further p_drop_style it keeps its
-    label but loses its style, so "this digit, any style" is a valid request too."""
-    if not 0 <= p_drop < 1 or not 0 <= p_drop_style < 1:
-        raise ValueError(f"drop probabilities must lie in [0, 1), got {p_drop} and {p_drop_style}")
-    ref = labels if labels is not None else style
+def drop_codes(labels: torch.Tensor | None, style: torch.Tensor | None, num_classes: int | None, p_uncond: float,
+               p_uncond_style: float = 0.0, generator: torch.Generator | None = None, context: torch.Tensor | None = None):
+    """Classifier-free-guidance dropout. With probability p_uncond a sample loses its whole code (null label, null
+    style and null context, all zeros), so the network also learns the unconditional model. With a further
+    p_uncond_style it keeps its label but loses its style, so "this digit, any style" is a valid request too.
+    Returns (labels, style), or (labels, style, context) when a context is given."""
+    if not 0 <= p_uncond < 1 or not 0 <= p_uncond_style < 1:
+        raise ValueError(f"drop probabilities must lie in [0, 1), got {p_uncond} and {p_uncond_style}")
+    ref = next((c for c in (labels, style, context) if c is not None), None)
     if ref is None:
-        return labels, style
+        return (labels, style) if context is None else (labels, style, context)
     u = torch.rand(len(ref), generator=generator).to(ref.device)
-    drop_all = u < p_drop
+    drop_all = u < p_uncond
     if labels is not None:
         labels = torch.where(drop_all, torch.full_like(labels, num_classes), labels)
     if style is not None:
-        drop_style = drop_all | (u > 1 - p_drop_style)
+        drop_style = drop_all | (u > 1 - p_uncond_style)
         style = style * (~drop_style).to(style.dtype)[:, None]
-    return labels, style
+    if context is None:
+        return labels, style
+    keep = (~drop_all).to(context.dtype).reshape(-1, *[1] * (context.ndim - 1))
+    return labels, style, context * keep
 
 
-def guided(model, labels: torch.Tensor | None = None, style: torch.Tensor | None = None, scale: float = 1.0,
-           num_classes: int | None = None):
-    """Wrap a coded denoiser `model(x_t, t, labels, style)` as a plain callable (x_t, t) for the samplers.
+def _codes(labels, style, context) -> dict:
+    """The codes a coded denoiser is called with, by keyword, leaving out the ones not given."""
+    given = {"labels": labels, "style": style, "context": context}
+    return {k: v for k, v in given.items() if v is not None}
 
-    Classifier-free guidance: pred = pred_null + scale * (pred_code - pred_null), where pred_null sees the null
-    label and style. scale = 1 is the plain conditional model, scale = 0 the unconditional one, scale > 1
-    trades diversity for fidelity to the code. (Ho & Salimans write the same rule with w = scale - 1.)
-    Both predictions come from one batched forward pass.
+
+def guided(model, labels: torch.Tensor | None = None, style: torch.Tensor | None = None, guidance: float = 1.0,
+           num_classes: int | None = None, context: torch.Tensor | None = None):
+    """Wrap a coded denoiser `model(x_t, t, labels=, style=, context=)` as a plain callable (x_t, t) for the samplers.
+
+    Classifier-free guidance: out = out_null + guidance * (out_code - out_null), where out_null sees the null
+    label, style and context. guidance = 1 is the plain conditional model, 0 the unconditional one, > 1 trades
+    diversity for fidelity to the code. (Ho & Salimans write the same rule with w = guidance - 1.)
+    Both outputs come from one batched forward pass, so a guided step costs two network evaluations.
+    The wrapper keeps the model's `prediction`, so the samplers still know what it outputs.
     """
-    if scale == 1.0:
-        return lambda x_t, t: model(x_t, t, labels, style)
+    codes = _codes(labels, style, context)
+    if guidance == 1.0 or not codes:
+        def plain(x_t, t):
+            return model(x_t, t, **codes)
+        plain.prediction = getattr(model, "prediction", None)
+        return plain
     num_classes = num_classes if num_classes is not None else getattr(model, "num_classes", None)
     if labels is not None and num_classes is None:
         raise ValueError("guided(): pass num_classes so the null label is known")
 
     def guided_model(x_t, t):
         B = len(x_t)
-        null_l = None if labels is None else null_labels(B, num_classes, x_t.device)
-        null_s = None if style is None else torch.zeros_like(style)
-        both = lambda code, null: None if code is None else torch.cat([code, null])  # noqa: E731
-        out = model(torch.cat([x_t, x_t]), torch.cat([t, t]), both(labels, null_l), both(style, null_s))
-        pred_code, pred_null = out.chunk(2)
-        return pred_null + scale * (pred_code - pred_null)
+        nulls = {"labels": None if labels is None else null_labels(B, num_classes, x_t.device),
+                 "style": None if style is None else torch.zeros_like(style),
+                 "context": None if context is None else torch.zeros_like(context)}
+        both = {k: torch.cat([v, nulls[k]]) for k, v in codes.items()}
+        out_code, out_null = model(torch.cat([x_t, x_t]), torch.cat([t, t]), **both).chunk(2)
+        return out_null + guidance * (out_code - out_null)
 
+    guided_model.prediction = getattr(model, "prediction", None)
     return guided_model
 
 

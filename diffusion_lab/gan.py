@@ -112,24 +112,24 @@ def _as_float_images(images: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_gan(generator: Generator, n: int, z: torch.Tensor | None = None, rng: torch.Generator | None = None,
+def sample_gan(net: Generator, n: int, z: torch.Tensor | None = None, generator: torch.Generator | None = None,
                batch_size: int = 500) -> torch.Tensor:
     """n images (n, 1, 28, 28) in [-1, 1] on the CPU: one generator forward pass per batch (chapter 01).
 
-    Uses the generator in eval mode (BatchNorm running statistics), so an image depends only on its own z,
-    and restores the mode it found. z defaults to N(0, I) noise drawn on the CPU from `rng`.
+    Uses the generator network `net` in eval mode (BatchNorm running statistics), so an image depends only on its
+    own z, and restores the mode it found. z defaults to N(0, I) noise drawn on the CPU from the RNG `generator`.
     """
     if z is None:
         if n < 1:
             raise ValueError(f"n must be at least 1, got {n}")
-        z = torch.randn(n, generator.z_dim, generator=rng)
-    device = next(generator.parameters()).device
-    was_training = generator.training
-    generator.eval()
+        z = torch.randn(n, net.z_dim, generator=generator)
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
     try:
-        out = [generator(z[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(z), batch_size)]
+        out = [net(z[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(z), batch_size)]
     finally:
-        generator.train(was_training)
+        net.train(was_training)
     return torch.cat(out)
 
 

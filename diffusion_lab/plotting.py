@@ -11,10 +11,11 @@ import numpy as np
 import torch
 
 from .schedules import q_sample
+from .utils import tile
 
 
 def _to_numpy_images(images) -> np.ndarray:
-    """(N, 28, 28) uint8 or (N, 1, H, W) / (N, H, W) float in [-1, 1] -> (N, H, W) float in [0, 1]."""
+    """(N, H, W) uint8 or (N, 1, H, W) / (N, H, W) float in [-1, 1] -> (N, H, W) float in [0, 1]."""
     x = torch.as_tensor(images).detach().cpu()
     if x.ndim == 4:
         if x.shape[1] != 1:
@@ -29,15 +30,8 @@ def _to_numpy_images(images) -> np.ndarray:
 
 def image_grid(images, nrow: int | None = None, pad: int = 2) -> np.ndarray:
     """Tile a batch into one (H', W') array in [0, 1], `nrow` images per row."""
-    x = _to_numpy_images(images)
-    n, h, w = x.shape
-    nrow = nrow or math.ceil(math.sqrt(n))
-    rows = math.ceil(n / nrow)
-    grid = np.ones((rows * (h + pad) + pad, nrow * (w + pad) + pad)) * 0.5
-    for i, img in enumerate(x):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
-    return grid
+    x = _to_numpy_images(images).astype(np.float64)
+    return tile(x, nrow or math.ceil(math.sqrt(len(x))), pad, fill=0.5)
 
 
 def show_images(images, nrow: int | None = None, title: str | None = None, ax=None, figsize=None):

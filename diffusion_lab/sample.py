@@ -11,6 +11,7 @@ Introduced in chapter 06 (sampling); the style request (`--slant`, `--thickness`
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import math
@@ -24,11 +25,10 @@ from tqdm.auto import tqdm
 
 from . import data
 from .checkpoint import SHIPPED, CheckpointError, resolve_checkpoint, sha256_of
-from .utils import NUM_CLASSES, atomic_write_bytes
 from .conditioning import guided, style_code
-from .samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_dpm_solver_pp
-from .training import load_model
-
+from .denoiser import load_denoiser
+from .samplers import SAMPLERS, check_known_region, sample_ddim, sample_repaint, with_known_region
+from .utils import NUM_CLASSES, atomic_write_bytes, tile
 
 
 def parse_labels(spec: str, n: int, seed: int = 0) -> torch.Tensor:
@@ -51,7 +51,7 @@ def parse_labels(spec: str, n: int, seed: int = 0) -> torch.Tensor:
     return digits[torch.arange(n) % len(digits)]
 
 
-def style_request(config, slant: float | None = None, thickness: float | None = None, n: int = 1,
+def style_request(denoiser, slant: float | None = None, thickness: float | None = None, n: int = 1,
                   device=None) -> torch.Tensor | None:
     """The style code for a requested slant and stroke thickness (chapter 07), repeated n times, or None.
 
@@ -60,10 +60,10 @@ def style_request(config, slant: float | None = None, thickness: float | None = 
     """
     if slant is None and thickness is None:
         return None
-    if not getattr(config, "style", False) or not config.style_mean:
+    if not denoiser.style_mean:
         raise ValueError("this checkpoint was trained without style codes; drop --slant/--thickness "
                          "(train with --style 1 to use them)")
-    mean, std = config.style_mean, config.style_std
+    mean, std = list(denoiser.style_mean), list(denoiser.style_std)
     attributes = torch.tensor([[mean[0] if slant is None else slant, mean[1] if thickness is None else thickness]])
     code = style_code(attributes, mean, std)
     z = code[0, :2]
@@ -76,66 +76,87 @@ def style_request(config, slant: float | None = None, thickness: float | None = 
 
 
 @torch.no_grad()
-def generate(model, schedule, labels: torch.Tensor | None, style: torch.Tensor | None = None, *, n: int | None = None,
-             sampler: str = "dpm++2m", steps: int = 20, guidance: float = 2.0, eta: float = 0.0, seed: int = 0,
-             batch_size: int = 500, prediction: str = "eps", clip_x0: float | None = None, bar=None,
-             callback=None) -> torch.Tensor:
-    """Sample images as float (N, 1, 28, 28) in [-1, 1] on the CPU (chapter 06).
+def generate(denoiser, labels: torch.Tensor | None = None, style: torch.Tensor | None = None, *, n: int | None = None,
+             context: torch.Tensor | None = None, sampler="dpm++2m", steps: int = 20, guidance: float = 1.0,
+             eta: float = 0.0, x_T: torch.Tensor | None = None, seed: int = 0, batch_size: int = 500,
+             clip_x0: float | None = None, clamp: float | None = 1.0, known: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None, resample: int = 1, callback=None, bar=None) -> torch.Tensor:
+    """Sample N items of `denoiser.shape` from any Denoiser: float (N, *shape) on the CPU (chapter 06).
 
-    `model(x_t, t, labels, style)` is a coded UNet; classifier-free guidance with scale `guidance` (1 = plain
-    conditional) goes through `conditioning.guided`. With neither labels nor style the model is run
-    unconditionally (pass `n`) and guidance does not apply. All starting noise x_T comes from one CPU
-    generator seeded with `seed`, drawn before batching, so a deterministic sampler (ddim with eta=0,
-    dpm++2m) gives sample i the same x_T whatever the batch size. Stochastic samplers (ddpm, ddim with
-    eta > 0) draw their per-step noise from a second generator, in batch order.
-    `clip_x0` clamps each x0_hat to [-clip_x0, clip_x0] (see `samplers.predict`). `bar` is anything with
-    .update(k) (a tqdm bar); `callback(step, x_t, x0_hat)` sees the first batch only.
+    What the model predicts, its schedule and its data shape come from the Denoiser itself (nothing is guessed).
+    Codes: `labels` (N,), `style` (N, S+1), `context` (N, L, D); with none of them pass `n`. Classifier-free
+    guidance with weight `guidance` (1 = plain conditional) goes through `conditioning.guided`.
+    `sampler` is a name in samplers.SAMPLERS or any function with their signature; `eta` > 0 is DDIM's noise.
+    Starting noise: `x_T` (N, *shape), or drawn from one CPU generator seeded with `seed` before batching, so a
+    deterministic sampler gives sample i the same result whatever the batch size. Stochastic samplers draw their
+    per-step noise from a second generator, in batch order.
+    Known regions (inpainting, harmonisation, video prediction): `known` (broadcast to (N, *shape)) is kept where
+    `mask` is 1 and generated where it is 0; the known values come back exactly. resample=1 replaces the known
+    region at every step (any sampler); resample=r > 1 runs RePaint's resampling (Lugmayr et al. 2022; ddpm only).
+    `clip_x0` clamps each x0_hat (see `samplers.predict`); `clamp` clamps the result to [-clamp, clamp], the data
+    range of every pixel-space model here (None for data without a fixed range, such as latents).
+    `bar` is anything with .update(k) (a tqdm bar); `callback(step, x_t, x0_hat)` sees the first batch only.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    sizes = {len(c) for c in (labels, style) if c is not None} | ({n} if n is not None else set())
+    run_sampler = _sampler(sampler, eta)
+    shape = tuple(denoiser.shape)
+    sizes = {len(c) for c in (labels, style, context, x_T) if c is not None} | ({n} if n is not None else set())
     if len(sizes) != 1:
-        raise ValueError(f"generate(): give n or codes of one common length; got n={n}, "
-                         f"labels {None if labels is None else len(labels)}, style {None if style is None else len(style)}")
+        raise ValueError(f"generate(): give n or codes (and x_T) of one common length; got n={n}, "
+                         + ", ".join(f"{name} {None if c is None else len(c)}" for name, c in
+                                     (("labels", labels), ("style", style), ("context", context), ("x_T", x_T))))
     n = sizes.pop()
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"the number of samples must be a positive integer, got {n!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
-    if labels is None and style is None:
-        guidance = 1.0  # nothing to guide towards
-    device = next(model.parameters()).device
-    x_T_all = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    if not isinstance(resample, int) or resample < 1:
+        raise ValueError(f"resample must be a positive integer, got {resample!r}")
+    if resample > 1 and (known is None or sampler != "ddpm"):
+        raise ValueError("RePaint resampling (resample > 1) needs known=/mask= and sampler='ddpm'")
+    if (known is None) != (mask is None):
+        raise ValueError("known= and mask= go together: the values to keep, and where (1) to keep them")
+    if x_T is None:
+        x_T = torch.randn(n, *shape, generator=torch.Generator().manual_seed(seed))
+    elif tuple(x_T.shape[1:]) != shape:
+        raise ValueError(f"x_T must have shape (N, {', '.join(map(str, shape))}), got {tuple(x_T.shape)}")
+    if known is not None:
+        known, mask = check_known_region(known, mask, (n, *shape))
+    device = denoiser.device
     noise_generator = torch.Generator().manual_seed(seed + 2)
     out = []
     for start in range(0, n, batch_size):
-        stop = min(n, start + batch_size)
-        batch_labels = labels[start:stop].to(device) if labels is not None else None
-        batch_style = style[start:stop].to(device) if style is not None else None
-        denoiser = guided(model, batch_labels, batch_style, guidance, num_classes=NUM_CLASSES)
-        x_T = x_T_all[start:stop].to(device)
-        kwargs = dict(prediction=prediction, clip_x0=clip_x0, callback=callback if start == 0 else None)
-        if sampler == "ddpm":
-            x0 = sample_ddpm(denoiser, schedule, x_T, steps, generator=noise_generator, **kwargs)
-        elif sampler == "ddim":
-            x0 = sample_ddim(denoiser, schedule, x_T, steps, eta=eta, generator=noise_generator, **kwargs)
+        batch = slice(start, min(n, start + batch_size))
+        on_device = lambda c: None if c is None else c[batch].to(device)  # noqa: E731
+        model = guided(denoiser, on_device(labels), on_device(style), guidance, context=on_device(context))
+        options = dict(generator=noise_generator, clip_x0=clip_x0, callback=callback if start == 0 else None)
+        if known is None:
+            x0 = run_sampler(model, denoiser.schedule, x_T[batch].to(device), steps, **options)
+        elif resample > 1:
+            x0 = sample_repaint(model, denoiser.schedule, x_T[batch].to(device), steps, known=on_device(known),
+                                mask=on_device(mask), resample=resample, **options)
         else:
-            x0 = sample_dpm_solver_pp(denoiser, schedule, x_T, steps, **kwargs)
-        out.append(x0.float().clamp(-1, 1).cpu())
+            model = with_known_region(model, denoiser.schedule, on_device(known), on_device(mask), noise_generator)
+            x0 = run_sampler(model, denoiser.schedule, x_T[batch].to(device), steps, **options)
+        if known is not None:  # the known region comes back exactly
+            x0 = torch.where(on_device(mask).bool(), on_device(known).to(x0.dtype), x0)
+        x0 = x0.float().cpu()
+        out.append(x0.clamp(-clamp, clamp) if clamp is not None else x0)
         if bar is not None:
-            bar.update(stop - start)
+            bar.update(batch.stop - batch.start)
     return torch.cat(out)
 
 
-def grid_image(images: np.ndarray, ncol: int = 10, pad: int = 2) -> np.ndarray:
-    """Tile uint8 (N, 28, 28) images into one uint8 picture, `ncol` per row, on a mid-grey background."""
-    n, h, w = images.shape
-    rows = math.ceil(n / ncol)
-    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad), 128, dtype=np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, ncol)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
-    return grid
+def _sampler(sampler, eta: float):
+    """A sampler function from a name in SAMPLERS (binding DDIM's eta) or a function with their signature."""
+    if not 0 <= eta < float("inf"):
+        raise ValueError(f"eta must be a finite number >= 0, got {eta}")
+    if callable(sampler):
+        return sampler
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if eta and sampler != "ddim":
+        raise ValueError(f"eta is DDIM's noise level; the {sampler} sampler has none")
+    return functools.partial(sample_ddim, eta=eta) if eta else SAMPLERS[sampler]
 
 
 def save_png(path, grid: np.ndarray) -> None:
@@ -169,14 +190,14 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
 # --- command line --------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    shipped = ", ".join(sorted(SHIPPED)) or "none yet"
+    shipped = ", ".join(sorted(name for name, entry in SHIPPED.items() if entry.kind == "diffusion")) or "none yet"
     p = argparse.ArgumentParser(
         prog="python -m diffusion_lab.sample",
         description="Draw digits from a trained diffusion model and save them as an .npz of uint8 images "
                     "(N, 28, 28) and int64 labels (N,).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default="mnist-cond",
-                   help=f"a shipped model name (SHA-256 verified; shipped: {shipped}) or a .safetensors path")
+                   help=f"a shipped generative model (SHA-256 verified; shipped: {shipped}) or a .safetensors path")
     p.add_argument("--n", type=int, default=100, help="number of images")
     p.add_argument("--labels", default="cycle",
                    help="cycle (0..9 repeated), random, a digit, a comma list like 3,5,8, or none (unconditional model)")
@@ -231,27 +252,30 @@ def _check_args(args) -> None:
 def run(args) -> dict:
     _check_args(args)
     path, expected_sha = resolve_checkpoint(args.checkpoint)
-    model, schedule, config = load_model(args.checkpoint, device=args.device)
-    if args.steps > schedule.T:
-        raise ValueError(f"--steps {args.steps} is more than the model's T={schedule.T} diffusion steps")
+    denoiser = load_denoiser(args.checkpoint, device=args.device)
+    if len(denoiser.shape) != 3 or denoiser.shape[0] != 1:
+        raise ValueError(f"this command writes grey-scale images (1, H, W); {args.checkpoint} makes samples of shape "
+                         f"{denoiser.shape}: sample it with diffusion_lab.sample.generate")
+    if args.steps > denoiser.schedule.T:
+        raise ValueError(f"--steps {args.steps} is more than the model's T={denoiser.schedule.T} diffusion steps")
     if args.labels.strip().lower() == "none":
-        if config.conditional:
+        if denoiser.num_classes:
             raise ValueError("--labels none is for unconditional checkpoints; this one is class-conditional")
         labels = None
-    elif not config.conditional:
+    elif not denoiser.num_classes:
         raise ValueError("this checkpoint is unconditional: use --labels none")
     else:
         labels = parse_labels(args.labels, args.n, args.seed)
-    style = style_request(config, args.slant, args.thickness, args.n)
+    style = style_request(denoiser, args.slant, args.thickness, args.n)
 
     bar = tqdm(total=args.n, desc=f"{args.sampler} x{args.steps}", unit="img", disable=args.quiet, dynamic_ncols=True)
     start = time.perf_counter()
-    images = generate(model, schedule, labels, style, n=args.n, sampler=args.sampler, steps=args.steps,
+    images = generate(denoiser, labels, style, n=args.n, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                      prediction=config.objective, clip_x0=args.clip_x0, bar=bar)
+                      clip_x0=args.clip_x0, bar=bar)
     seconds = time.perf_counter() - start
     bar.close()
-    images_uint8 = data.from_unit_range(images)[:, 0]                         # (N, 28, 28) uint8
+    images_uint8 = data.from_unit_range(images)[:, 0]                         # (N, H, W) uint8
     labels_out = labels if labels is not None else torch.full((args.n,), -1, dtype=torch.long)
 
     meta = {"checkpoint": str(args.checkpoint), "file": str(path),
@@ -259,8 +283,8 @@ def run(args) -> dict:
             "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "eta": args.eta,
             "clip_x0": args.clip_x0,
             "seed": args.seed, "n": args.n, "labels": args.labels, "slant": args.slant, "thickness": args.thickness,
-            "objective": config.objective, "schedule": config.schedule, "T": config.T,
-            "device": str(next(model.parameters()).device), "seconds": round(seconds, 3),
+            "prediction": denoiser.prediction, "schedule": denoiser.schedule.name, "T": denoiser.schedule.T,
+            "device": str(denoiser.device), "seconds": round(seconds, 3),
             "ms_per_image": round(1000 * seconds / args.n, 3)}
     buffer = io.BytesIO()
     np.savez(buffer, images=images_uint8.numpy(), labels=labels_out.numpy().astype(np.int64),
@@ -268,7 +292,7 @@ def run(args) -> dict:
     atomic_write_bytes(args.out, buffer.getvalue())
     summary = {"out": str(args.out), "n": args.n, "seconds": meta["seconds"], "ms_per_image": meta["ms_per_image"]}
     if args.grid:
-        save_png(args.grid, grid_image(images_uint8[: args.grid_n].numpy()))
+        save_png(args.grid, tile(images_uint8[: args.grid_n].numpy(), ncol=10, fill=128))
         summary["grid"] = str(args.grid)
     if args.evaluate:
         summary.update({k: round(v, 5) if isinstance(v, float) else v

@@ -16,6 +16,15 @@ import torch
 from .utils import append_dims
 
 SCHEDULES = ("linear", "cosine", "sigmoid")
+# What a denoiser outputs: the noise eps, the clean data x0, or the velocity v (Salimans & Ho 2022). The one
+# definition of the word `prediction` in the package; the conversions between the three are at the bottom.
+PREDICTIONS = ("eps", "x0", "v")
+
+
+def check_prediction(prediction) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; a denoiser predicts one of {', '.join(PREDICTIONS)}")
+    return prediction
 
 
 def _check_T(T: int) -> None:

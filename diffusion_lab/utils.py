@@ -5,6 +5,7 @@ Introduced in chapter 00 (quickstart); every other module may import this one, a
 """
 from __future__ import annotations
 
+import math
 import os
 import random
 import tempfile
@@ -82,3 +83,14 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def tile(images: np.ndarray, ncol: int, pad: int = 2, fill=0.5) -> np.ndarray:
+    """Tile N images (N, H, W) into one picture, `ncol` per row, `pad` pixels of `fill` between and around them."""
+    n, h, w = images.shape
+    rows = math.ceil(n / ncol)
+    grid = np.full((rows * (h + pad) + pad, ncol * (w + pad) + pad), fill, dtype=images.dtype)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncol)
+        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
+    return grid

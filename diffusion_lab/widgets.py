@@ -183,49 +183,45 @@ def image_sequence_explorer(frames, captions=None, nrow: int | None = None):
 
 
 # ------------------------------------------------------------------------------ chapter 07: style codes
-def _check_style_model(model, config) -> None:
-    if not getattr(config, "style", False) or getattr(model, "style_dim", 0) != 3:
+def _check_style_model(denoiser) -> None:
+    if denoiser.style_dim != 3:
         raise ValueError("this explorer needs a model trained with style codes (TrainConfig.style=True), "
                          "e.g. the shipped 'mnist-cond'")
 
 
-@torch.no_grad()
-def sample_style(model, schedule: NoiseSchedule, config, digit: int, slant: float, thickness: float,
-                 x_T: torch.Tensor, steps: int = 10, guidance: float = 2.0) -> torch.Tensor:
+def sample_style(denoiser, digit: int, slant: float, thickness: float, x_T: torch.Tensor, steps: int = 10,
+                 guidance: float = 2.0) -> torch.Tensor:
     """One `digit` per noise in x_T (N, 1, 28, 28), drawn at the requested slant and stroke thickness, in the
     units `data.slant` and `data.thickness` measure (shear per pixel, pixels) (chapter 07).
 
-    The request becomes a style code with the model's own standardisation (config.style_mean/std), and
-    classifier-free guidance with scale `guidance` pushes towards label and style together. DPM-Solver++(2M).
+    The request becomes a style code with the model's own standardisation (denoiser.style_mean/std), and
+    classifier-free guidance with weight `guidance` pushes towards label and style together. DPM-Solver++(2M).
     Returns float images (N, 1, 28, 28) in [-1, 1] on the CPU.
     """
-    from .conditioning import guided, style_code
-    from .samplers import sample_dpm_solver_pp
+    from .conditioning import style_code
+    from .sample import generate
 
-    _check_style_model(model, config)
+    _check_style_model(denoiser)
     if not 0 <= int(digit) <= 9:
         raise ValueError(f"digit must be 0..9, got {digit}")
     if thickness <= 0:
         raise ValueError(f"stroke thickness is a width in pixels and must be positive, got {thickness}")
-    device = next(model.parameters()).device
     n = len(x_T)
-    labels = torch.full((n,), int(digit), dtype=torch.long, device=device)
+    labels = torch.full((n,), int(digit), dtype=torch.long)
     style = style_code(torch.tensor([[float(slant), float(thickness)]]).expand(n, 2),
-                       config.style_mean, config.style_std).to(device)
-    fn = guided(model, labels, style, guidance, num_classes=10)
-    x0 = sample_dpm_solver_pp(fn, schedule, x_T.to(device), steps=steps, prediction=config.objective)
-    return x0.clamp(-1, 1).cpu()
+                       denoiser.style_mean, denoiser.style_std)
+    return generate(denoiser, labels, style, x_T=x_T, sampler="dpm++2m", steps=steps, guidance=guidance)
 
 
-def style_frame(model, schedule: NoiseSchedule, config, digit: int, slant: float, thickness: float, seed: int = 0,
-                n: int = 4, steps: int = 10, guidance: float = 2.0):
+def style_frame(denoiser, digit: int, slant: float, thickness: float, seed: int = 0, n: int = 4, steps: int = 10,
+                guidance: float = 2.0):
     """`n` samples of `digit` at the requested slant and thickness (one noise draw per sample, fixed by `seed`),
     titled with what was asked and what `data.slant` / `data.thickness` measure in the result (chapter 07)."""
     from .data import slant as measure_slant
     from .data import thickness as measure_thickness
 
-    x_T = torch.randn(n, 1, 28, 28, generator=torch.Generator().manual_seed(int(seed)))
-    x0 = sample_style(model, schedule, config, digit, slant, thickness, x_T, steps, guidance)
+    x_T = torch.randn(n, *denoiser.shape, generator=torch.Generator().manual_seed(int(seed)))
+    x0 = sample_style(denoiser, digit, slant, thickness, x_T, steps, guidance)
     got_slant, got_thickness = measure_slant(x0).mean().item(), measure_thickness(x0).mean().item()
     fig, ax = plt.subplots(figsize=(1.2 * n + 1.5, 2.2))
     ax.imshow(image_grid(x0, n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
@@ -236,13 +232,13 @@ def style_frame(model, schedule: NoiseSchedule, config, digit: int, slant: float
     return fig
 
 
-def style_explorer(model, schedule: NoiseSchedule, config, n: int = 4, steps: int = 10, guidance: float = 2.0):
+def style_explorer(denoiser, n: int = 4, steps: int = 10, guidance: float = 2.0):
     """Sliders for the digit, its slant and its stroke thickness (and the noise seed): draw any digit in any
     style the model learned (chapter 07). The slider ranges span the training data, mean +- 2.5 standard
-    deviations, from config.style_mean/std. Returns the widget; the chapter shows a static grid beside it."""
+    deviations, from denoiser.style_mean/std. Returns the widget; the chapter shows a static grid beside it."""
     widgets = _ipywidgets()
-    _check_style_model(model, config)
-    (slant_mean, thick_mean), (slant_std, thick_std) = config.style_mean, config.style_std
+    _check_style_model(denoiser)
+    (slant_mean, thick_mean), (slant_std, thick_std) = denoiser.style_mean, denoiser.style_std
     wide = widgets.Layout(width="420px")
     digit = widgets.IntSlider(value=3, min=0, max=9, description="digit", continuous_update=False, layout=wide)
     seed = widgets.IntSlider(value=0, min=0, max=99, description="noise seed", continuous_update=False, layout=wide)
@@ -255,8 +251,7 @@ def style_explorer(model, schedule: NoiseSchedule, config, n: int = 4, steps: in
     output = widgets.Output()
 
     def redraw(change=None):
-        _show(output, style_frame(model, schedule, config, digit.value, slant.value, thickness.value, seed.value,
-                                  n, steps, guidance))
+        _show(output, style_frame(denoiser, digit.value, slant.value, thickness.value, seed.value, n, steps, guidance))
 
     for control in (digit, seed, slant, thickness):
         control.observe(redraw, names="value")

@@ -39,7 +39,7 @@ def test_sample_gan_is_deterministic_and_keeps_the_mode():
     a, b = gan.sample_gan(G, 6, z=z, batch_size=4), gan.sample_gan(G, 6, z=z, batch_size=6)
     torch.testing.assert_close(a, b)  # eval mode: an image depends on its own z only, not on the batch
     assert G.training
-    assert gan.sample_gan(G, 3, rng=torch.Generator().manual_seed(0)).shape == (3, 1, 28, 28)
+    assert gan.sample_gan(G, 3, generator=torch.Generator().manual_seed(0)).shape == (3, 1, 28, 28)
 
 
 def test_training_learns_a_constant_image():

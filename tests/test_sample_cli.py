@@ -141,9 +141,9 @@ def test_style_request_validation():
         sample.style_request(TrainConfig(style=False), slant=0.1)
 
 
-def test_grid_image_layout():
+def test_tile_layout():
     images = np.stack([np.full((28, 28), i, dtype=np.uint8) for i in range(12)])
-    grid = sample.grid_image(images, ncol=5)
+    grid = tile(images, ncol=5, fill=128)
     assert grid.shape == (3 * 30 + 2, 5 * 30 + 2) and grid.dtype == np.uint8
     assert grid[2 + 30 + 5, 2 + 2 * 30 + 5] == 7  # row 1, column 2 -> image 7
 

@@ -38,15 +38,17 @@ def test_shipped_name_is_verified(tmp_path, monkeypatch):
     path = tmp_path / "toy.safetensors"
     sha = save_checkpoint(path, {"w": torch.ones(2)}, {"k": 1})
     monkeypatch.setenv(checkpoint.CHECKPOINT_ENV, str(tmp_path))
-    monkeypatch.setitem(checkpoint.SHIPPED, "toy", sha)
+    monkeypatch.setitem(checkpoint.SHIPPED, "toy", checkpoint.Shipped(sha, "diffusion"))
     assert load_checkpoint("toy")[1] == {"k": 1}
-    monkeypatch.setitem(checkpoint.SHIPPED, "toy", "0" * 64)
+    monkeypatch.setitem(checkpoint.SHIPPED, "toy", checkpoint.Shipped("0" * 64, "diffusion"))
     with pytest.raises(CheckpointError, match="SHA-256"):
         load_checkpoint("toy")
 
 
 def test_every_shipped_checkpoint_matches_its_pin():
-    for name, sha in checkpoint.SHIPPED.items():
+    for name, (sha, kind) in checkpoint.SHIPPED.items():
         path = checkpoint.checkpoint_dir() / f"{name}.safetensors"
+        assert kind in ("diffusion", "classifier", "denoisers"), f"{name}: unknown kind {kind!r}"
+        assert path.stat().st_size <= 8_000_000, f"{path} is over the 8 MB a shipped file may take"
         assert checkpoint.sha256_of(path) == sha, f"{path} does not match SHIPPED[{name!r}]"
         assert (checkpoint.checkpoint_dir() / f"{name}.md").exists(), f"{name} has no model card"

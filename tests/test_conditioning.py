@@ -64,7 +64,7 @@ def test_drop_codes_drops_at_the_advertised_rates():
     n = 20_000
     labels = torch.randint(0, 10, (n,), generator=torch.Generator().manual_seed(0))
     style = style_code(torch.randn(n, 2, generator=torch.Generator().manual_seed(1)), [0.0, 0.0], [1.0, 1.0])
-    new_labels, new_style = drop_codes(labels, style, 10, p_drop=0.1, p_drop_style=0.2,
+    new_labels, new_style = drop_codes(labels, style, 10, p_uncond=0.1, p_uncond_style=0.2,
                                        generator=torch.Generator().manual_seed(2))
     no_label = new_labels == 10
     no_style = new_style[:, -1] == 0
@@ -84,7 +84,7 @@ def test_drop_codes_edge_cases():
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
         drop_codes(labels, None, 10, 1.0)
     with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        drop_codes(labels, None, 10, 0.1, p_drop_style=-0.1)
+        drop_codes(labels, None, 10, 0.1, p_uncond_style=-0.1)
 
 
 class Recorder(torch.nn.Module):
@@ -181,7 +181,6 @@ def test_sample_style_and_style_frame():
 
 
 def test_style_explorer_builds_and_reacts():
-    pytest.importorskip("ipywidgets")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -36,20 +36,20 @@ def test_perfect_model_has_zero_loss_and_noise_model_does_not():
     x0 = torch.randn(8, 1, 4, 4)
     eps = torch.randn_like(x0)
     t = torch.randint(0, 1000, (8,))
-    assert diffusion_loss(lambda x_t, tt: eps, SCHEDULE, x0, t=t, eps=eps).item() == pytest.approx(0.0, abs=1e-10)
-    assert diffusion_loss(lambda x_t, tt: torch.zeros_like(x_t), SCHEDULE, x0, t=t, eps=eps).item() > 0.5
-    per_sample = diffusion_loss(lambda x_t, tt: x_t, SCHEDULE, x0, objective="v", weighting="min_snr", reduce=False)
+    assert diffusion_loss(lambda x_t, tt: eps, SCHEDULE, x0, "eps", t=t, eps=eps).item() == pytest.approx(0.0, abs=1e-10)
+    assert diffusion_loss(lambda x_t, tt: torch.zeros_like(x_t), SCHEDULE, x0, "eps", t=t, eps=eps).item() > 0.5
+    per_sample = diffusion_loss(lambda x_t, tt: x_t, SCHEDULE, x0, prediction="v", weighting="min_snr", reduce=False)
     assert per_sample.shape == (8,)
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="objective"):
+    with pytest.raises(ValueError, match="unknown prediction"):
         target("score", torch.zeros(1), torch.zeros(1), torch.ones(1))
-    with pytest.raises(ValueError, match="objective"):
+    with pytest.raises(ValueError, match="unknown prediction"):
         x0_weight("score", torch.ones(1))
     with pytest.raises(ValueError, match="weighting"):
         loss_weight("eps", "p2", torch.ones(1))
     with pytest.raises(ValueError, match="gamma"):
         loss_weight("eps", "min_snr", torch.ones(1), gamma=0)
     with pytest.raises(ValueError, match="shape"):
-        diffusion_loss(lambda x_t, t: x_t[:, :1], SCHEDULE, torch.zeros(2, 3))
+        diffusion_loss(lambda x_t, t: x_t[:, :1], SCHEDULE, torch.zeros(2, 3), "eps")

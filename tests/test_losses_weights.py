@@ -3,13 +3,14 @@ optimal_x0. (Kept apart from the core loss tests.)"""
 import pytest
 import torch
 
-from diffusion_lab.losses import OBJECTIVES, elbo_weight, implied_x0_weight, optimal_x0, x0_weight
+from diffusion_lab.losses import elbo_weight, implied_x0_weight, optimal_x0, x0_weight
+from diffusion_lab.schedules import PREDICTIONS
 from diffusion_lab.schedules import NoiseSchedule, q_posterior
 
 
 def test_implied_x0_weight():
     snr = torch.logspace(-4, 4, 50, dtype=torch.float64)
-    for objective in OBJECTIVES:
+    for objective in PREDICTIONS:
         assert torch.allclose(implied_x0_weight(objective, "none", snr), x0_weight(objective, snr))
         assert torch.allclose(implied_x0_weight(objective, "min_snr", snr, gamma=5.0), snr.clamp(max=5.0))
     with pytest.raises(ValueError):

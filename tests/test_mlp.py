@@ -44,7 +44,7 @@ def test_toy_mlp_learns_a_gaussian_denoiser():
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(300):
-        loss = diffusion_loss(model, schedule, 0.5 * torch.randn(256, 2, generator=g), generator=g)
+        loss = diffusion_loss(model, schedule, 0.5 * torch.randn(256, 2, generator=g), "eps", generator=g)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -52,7 +52,7 @@ def test_toy_mlp_learns_a_gaussian_denoiser():
     ab = schedule.alpha_bars.float()
     bayes = (ab * 0.25 / (ab * 0.25 + 1 - ab)).mean().item()
     with torch.no_grad():
-        final = diffusion_loss(model, schedule, 0.5 * torch.randn(4096, 2, generator=g), generator=g).item()
+        final = diffusion_loss(model, schedule, 0.5 * torch.randn(4096, 2, generator=g), "eps", generator=g).item()
     assert final < bayes + 0.05, (final, bayes)
 
 
@@ -87,7 +87,7 @@ def test_toy_mlp_works_with_classifier_free_guidance():
     torch.manual_seed(0)
     model = ToyMLP(hidden=16, layers=1, num_classes=2)
     x, t, labels = torch.randn(4, 2), torch.zeros(4, dtype=torch.long), torch.tensor([0, 1, 0, 1])
-    assert torch.allclose(guided(model, labels, scale=1.0)(x, t), model(x, t, labels))
-    assert torch.allclose(guided(model, labels, scale=0.0)(x, t), model(x, t), atol=1e-6)
+    assert torch.allclose(guided(model, labels, guidance=1.0)(x, t), model(x, t, labels))
+    assert torch.allclose(guided(model, labels, guidance=0.0)(x, t), model(x, t), atol=1e-6)
     with pytest.raises(ValueError, match="style"):
         model(x, t, labels, torch.zeros(4, 3))

@@ -267,7 +267,7 @@ class UNet(nn.Module):
         emb = self.embed(t, labels, style)  # (B, 4*c0)
         frames = x_t.shape[2] if self.dims == "2+1d" else 0
         if frames:  # fold the frames into the batch
-            B, _, _, H, W = x_t.shape
+            B = len(x_t)
             x_t = x_t.transpose(1, 2).flatten(0, 1)  # (B*F, C, H, W)
             emb = emb.repeat_interleave(frames, dim=0)  # (B*F, 4*c0)
             context = None if context is None else context.repeat_interleave(frames, dim=0)  # (B*F, L, context_dim)

@@ -106,7 +106,7 @@ class Recorder(torch.nn.Module):
         return out
 
 
-def test_guidance_is_null_plus_scale_times_the_difference_in_one_forward_pass():
+def test_guidance_is_null_plus_guidance_times_the_difference_in_one_forward_pass():
     model = Recorder()
     x_t, t = torch.zeros(2, 1, 28, 28), torch.tensor([5, 5])
     labels = torch.tensor([3, 7])
@@ -114,10 +114,10 @@ def test_guidance_is_null_plus_scale_times_the_difference_in_one_forward_pass():
     code = model(x_t, t, labels, style)
     null = model(x_t, t, null_labels(2, 10), torch.zeros_like(style))
     model.calls = 0
-    for scale in (0.0, 1.0, 2.5):
-        out = guided(model, labels, style, scale)(x_t, t)
-        assert torch.allclose(out, null + scale * (code - null))
-    assert model.calls == 3  # one call per scale: code and null share a batch (scale 1 needs no null pass)
+    for guidance in (0.0, 1.0, 2.5):
+        out = guided(model, labels, style, guidance)(x_t, t)
+        assert torch.allclose(out, null + guidance * (code - null))
+    assert model.calls == 3  # one call per weight: code and null share a batch (1 needs no null pass)
 
 
 def test_guidance_with_labels_only_and_style_only():
@@ -146,13 +146,13 @@ def test_guided_unet_runs_with_class_and_style_codes():
 
 
 # ------------------------------------------------------------- the chapter 07 style explorer (widgets.py)
-def _style_model():
-    from diffusion_lab.training import TrainConfig, build_model, build_schedule
+def _style_model(style=True):
+    from diffusion_lab.training import TrainConfig, build_denoiser
 
-    config = TrainConfig(channels=(8, 16, 16), attention=False, style=True, T=50, style_mean=[0.1, 2.0],
-                         style_std=[0.3, 0.5])
+    config = TrainConfig(channels=(8, 16, 16), attention=False, style=style, T=50,
+                         style_mean=(0.1, 2.0) if style else (), style_std=(0.3, 0.5) if style else ())
     torch.manual_seed(0)
-    return build_model(config).eval(), build_schedule(config), config
+    return build_denoiser(config)
 
 
 def test_sample_style_and_style_frame():
@@ -163,21 +163,20 @@ def test_sample_style_and_style_frame():
 
     from diffusion_lab import widgets
 
-    model, schedule, config = _style_model()
+    denoiser = _style_model()
     x_T = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
-    x0 = widgets.sample_style(model, schedule, config, 4, 0.3, 2.5, x_T, steps=2, guidance=2.0)
+    x0 = widgets.sample_style(denoiser, 4, 0.3, 2.5, x_T, steps=2, guidance=2.0)
     assert x0.shape == (3, 1, 28, 28) and x0.min() >= -1 and x0.max() <= 1
-    fig = widgets.style_frame(model, schedule, config, 4, 0.3, 2.5, seed=1, n=2, steps=2)
+    fig = widgets.style_frame(denoiser, 4, 0.3, 2.5, seed=1, n=2, steps=2)
     title = fig.axes[0].get_title()
     assert "digit 4" in title and "asked slant +0.30" in title and "measured" in title
     plt.close(fig)
     with pytest.raises(ValueError, match="digit"):
-        widgets.sample_style(model, schedule, config, 12, 0.0, 2.0, x_T, steps=2)
+        widgets.sample_style(denoiser, 12, 0.0, 2.0, x_T, steps=2)
     with pytest.raises(ValueError, match="positive"):
-        widgets.sample_style(model, schedule, config, 1, 0.0, 0.0, x_T, steps=2)
-    config.style = False
+        widgets.sample_style(denoiser, 1, 0.0, 0.0, x_T, steps=2)
     with pytest.raises(ValueError, match="style codes"):
-        widgets.sample_style(model, schedule, config, 1, 0.0, 2.0, x_T, steps=2)
+        widgets.sample_style(_style_model(style=False), 1, 0.0, 2.0, x_T, steps=2)
 
 
 def test_style_explorer_builds_and_reacts():
@@ -188,11 +187,11 @@ def test_style_explorer_builds_and_reacts():
 
     from diffusion_lab import widgets
 
-    model, schedule, config = _style_model()
-    box = widgets.style_explorer(model, schedule, config, n=2, steps=2)
+    denoiser = _style_model()
+    box = widgets.style_explorer(denoiser, n=2, steps=2)
     (digit, _seed), (slant, thickness) = box.children[0].children, box.children[1].children
-    assert slant.min < config.style_mean[0] < slant.max and thickness.min > 0
-    assert thickness.max == pytest.approx(config.style_mean[1] + 2.5 * config.style_std[1], abs=0.01)
+    assert slant.min < denoiser.style_mean[0] < slant.max and thickness.min > 0
+    assert thickness.max == pytest.approx(denoiser.style_mean[1] + 2.5 * denoiser.style_std[1], abs=0.01)
     digit.value = 7        # each change redraws; none may raise
     slant.value = slant.max
     plt.close("all")

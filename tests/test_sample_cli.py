@@ -4,7 +4,6 @@ Every test uses a tiny checkpoint written to a temporary folder, so none needs t
 """
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys
@@ -15,24 +14,24 @@ import pytest
 import torch
 
 from diffusion_lab import checkpoint, sample
-from diffusion_lab.training import TrainConfig, build_model, save_training_state
+from diffusion_lab.denoiser import load_denoiser, save_denoiser
+from diffusion_lab.training import TrainConfig, build_denoiser
+from diffusion_lab.utils import tile
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
 
 def write_checkpoint(path: Path, **overrides) -> Path:
-    """A tiny randomly initialised model saved exactly as the training CLI saves one."""
-    config = TrainConfig(channels=(8, 16, 16), attention=False, T=100, steps=1, **overrides)
-    if config.style:
-        config.style_mean, config.style_std = [0.1, 2.0], [0.2, 0.5]  # slant, thickness (pixels)
+    """A tiny randomly initialised model saved as a shipped checkpoint is saved."""
+    style = dict(style_mean=(0.1, 2.0), style_std=(0.2, 0.5)) if overrides.get("style") else {}  # slant, thickness
+    config = TrainConfig(channels=(8, 16, 16), attention=False, T=100, steps=1, **overrides, **style)
     torch.manual_seed(0)
-    model = build_model(config)
+    denoiser = build_denoiser(config)
     with torch.no_grad():  # the default init zeroes the output layer; make the output depend on the input
-        for p in model.parameters():
+        for p in denoiser.net.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    optimizer = torch.optim.AdamW(model.parameters())
-    save_training_state(path, config, 1, model, copy.deepcopy(model), optimizer, torch.Generator().manual_seed(0), [1.0], 0.0)
+    save_denoiser(path, denoiser)
     return path
 
 
@@ -131,14 +130,14 @@ def test_parse_labels():
 
 
 def test_style_request_validation():
-    config = TrainConfig(style=True, style_mean=[0.1, 2.0], style_std=[0.2, 0.5])
-    assert sample.style_request(config, None, None) is None
-    code = sample.style_request(config, slant=0.3, n=2)  # thickness left out -> the mean (z = 0)
+    denoiser = build_denoiser(TrainConfig(channels=(8, 16, 16), style=True, style_mean=(0.1, 2.0), style_std=(0.2, 0.5)))
+    assert sample.style_request(denoiser, None, None) is None
+    code = sample.style_request(denoiser, slant=0.3, n=2)  # thickness left out -> the mean (z = 0)
     assert code.shape == (2, 3) and torch.allclose(code[0], torch.tensor([1.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match="far outside"):
-        sample.style_request(config, slant=5.0)
+        sample.style_request(denoiser, slant=5.0)
     with pytest.raises(ValueError, match="without style"):
-        sample.style_request(TrainConfig(style=False), slant=0.1)
+        sample.style_request(build_denoiser(TrainConfig(channels=(8, 16, 16), style=False)), slant=0.1)
 
 
 def test_tile_layout():
@@ -183,7 +182,7 @@ def test_shipped_names_are_hash_verified(ckpt, tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "tiny-cond.safetensors").write_bytes(ckpt.read_bytes())
     monkeypatch.setenv(checkpoint.CHECKPOINT_ENV, str(folder))
-    monkeypatch.setitem(checkpoint.SHIPPED, "tiny-cond", checkpoint.sha256_of(ckpt))
+    monkeypatch.setitem(checkpoint.SHIPPED, "tiny-cond", checkpoint.Shipped(checkpoint.sha256_of(ckpt), "diffusion"))
     args = ["--checkpoint", "tiny-cond", "--n", "2", "--steps", "2", "--out", str(tmp_path / "s.npz")]
     run_cli(*args)
     assert json.loads(str(load(tmp_path / "s.npz")["meta"]))["sha256_verified"] is True
@@ -206,17 +205,19 @@ def test_unconditional_checkpoint_with_labels_none(tmp_path):
 
 
 def test_generate_checks_its_inputs(ckpt):
-    from diffusion_lab.training import load_model
-
-    model, schedule, _ = load_model(ckpt, device="cpu")
-    with pytest.raises(ValueError, match="unknown sampler"):
-        sample.generate(model, schedule, torch.zeros(2, dtype=torch.long), sampler="euler")
-    with pytest.raises(ValueError, match="common length"):
-        sample.generate(model, schedule, torch.zeros(2, dtype=torch.long), torch.zeros(3, 3))
-    with pytest.raises(ValueError, match="batch size"):
-        sample.generate(model, schedule, torch.zeros(2, dtype=torch.long), batch_size=0)
+    denoiser = load_denoiser(ckpt, device="cpu")
+    labels = torch.zeros(2, dtype=torch.long)
+    for kwargs, message in [(dict(sampler="euler"), "unknown sampler"), (dict(style=torch.zeros(3, 3)), "common length"),
+                            (dict(batch_size=0), "batch size"), (dict(eta=0.5), "eta is DDIM's"),
+                            (dict(x_T=torch.zeros(2, 1, 8, 8)), "x_T must have shape"),
+                            (dict(known=torch.zeros(1, 28, 28)), "go together"),
+                            (dict(known=torch.zeros(1, 28, 28), mask=torch.full((1, 28, 28), 0.5)), "only 0"),
+                            (dict(known=torch.zeros(1, 20, 28), mask=torch.ones(1, 20, 28)), "broadcast"),
+                            (dict(known=torch.zeros(1, 28, 28), mask=torch.ones(1, 28, 28), resample=3), "ddpm")]:
+        with pytest.raises(ValueError, match=message):
+            sample.generate(denoiser, labels, steps=2, **kwargs)
     seen = []
-    x = sample.generate(model, schedule, torch.arange(3), steps=2, batch_size=2,
+    x = sample.generate(denoiser, torch.arange(3), steps=2, batch_size=2,
                         callback=lambda i, x_t, x0_hat: seen.append((i, tuple(x_t.shape))))
     assert x.shape == (3, 1, 28, 28) and x.min() >= -1 and x.max() <= 1
     assert seen == [(0, (2, 1, 28, 28)), (1, (2, 1, 28, 28))]  # first batch only
@@ -245,3 +246,9 @@ def test_module_entry_point_runs(ckpt, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "diffusion_lab.sample", "--checkpoint", "nope", "--out",
                            str(tmp_path / "t.npz")], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "error: no checkpoint 'nope'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_classifier_cannot_be_sampled(tmp_path):
+    with pytest.raises(SystemExit, match="error: mnist-classifier is a shipped classifier, not a generative model"):
+        sample.main(["--checkpoint", "mnist-classifier", "--out", str(tmp_path / "s.npz"), "--quiet"])
+    assert not (tmp_path / "s.npz").exists()

@@ -139,7 +139,7 @@ def test_state_dict_matches_the_shipped_checkpoint():
     model = UNet(in_channels=1, channels=train["channels"], blocks_per_level=train["blocks_per_level"],
                  attention=train["attention"], num_classes=10 if train["conditional"] else None,
                  style_dim=3 if train["style"] else 0)
-    shipped = {k[len("ema."):]: tuple(v.shape) for k, v in tensors.items() if k.startswith("ema.")}
+    shipped = {k[len("net."):]: tuple(v.shape) for k, v in tensors.items() if k.startswith("net.")}
     assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shipped
 
 

@@ -279,7 +279,8 @@ def fit(denoiser: Denoiser, batches, config: FitConfig, *, checkpoint: str | os.
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     seed_everything(config.seed)
     model = denoiser.net.to(device).train()
-    if config.channels_last:
+    channels_last = config.channels_last and len(denoiser.shape) == 3  # a 2-D layout (B, C, H, W) only
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -324,7 +325,7 @@ def fit(denoiser: Denoiser, batches, config: FitConfig, *, checkpoint: str | os.
             if tuple(x0.shape[1:]) != denoiser.shape:
                 raise ValueError(f"the batch source gives x0 of shape {tuple(x0.shape)}; this denoiser takes "
                                  f"(B, {', '.join(map(str, denoiser.shape))})")
-            if config.channels_last:
+            if channels_last:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             codes = {k: batch[k].to(device) for k in ("labels", "style", "context") if batch.get(k) is not None}
             if codes:
@@ -511,6 +512,7 @@ def train(config: TrainConfig, checkpoint: str | os.PathLike | None = None, resu
         style_all = style_code(attributes, config.style_mean, config.style_std).to(device)
     batches = tensor_batches(images.to(device), labels.to(device) if config.conditional else None, style_all,
                              transform=data.to_unit_range)
+    seed_everything(config.seed)  # the initial weights depend on the seed only
     result = fit(build_denoiser(config), batches, config.fit_config(), checkpoint=checkpoint, resume=resume,
                  progress=progress, callback=callback, record={"train": asdict(config)})
     return TrainResult(**{f.name: getattr(result, f.name) for f in dataclasses.fields(FitResult)}, config=config)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from diffusion_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from diffusion_lab.training import (TrainConfig, _autocast, build_model, ema_update, load_model, lr_at, main,
-                                    train)
+from diffusion_lab.denoiser import load_denoiser
+from diffusion_lab.training import TrainConfig, _autocast, build_model, ema_update, lr_at, main, train
 
 
 def tiny(**overrides) -> TrainConfig:
@@ -39,19 +39,19 @@ def test_stop_then_resume_reproduces_the_uninterrupted_run(tmp_path, toy_data):
         # "kill" the second run half way: the callback stops it at step 4, which writes a checkpoint there
         first = train(tiny(), checkpoint=tmp_path / "b.safetensors", progress=False, images=images, labels=labels,
                       callback=lambda step, ema: step >= 4)
-        assert first["step"] == 4 and len(first["losses"]) == 4
+        assert first.step == 4 and len(first.losses) == 4
         _, meta = load_checkpoint(tmp_path / "b.safetensors")
         assert meta["step"] == 4
         resumed = train(tiny(), checkpoint=tmp_path / "b.safetensors", progress=False, images=images, labels=labels)
     finally:
         torch.set_num_threads(threads)
-    assert resumed["step"] == 8
+    assert resumed.step == 8 and resumed.resumed_from == 4 and resumed.steps_run == 4
     # the history continues where it stopped, loss for loss: weights, EMA, optimizer moments and the data
     # generator all came back from the checkpoint
-    assert resumed["losses"] == straight["losses"]
-    for a, b in zip(straight["ema"].parameters(), resumed["ema"].parameters()):
+    assert resumed.losses == straight.losses
+    for a, b in zip(straight.denoiser.net.parameters(), resumed.denoiser.net.parameters()):
         assert torch.equal(a, b)
-    for a, b in zip(straight["model"].parameters(), resumed["model"].parameters()):
+    for a, b in zip(straight.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
 
 
@@ -60,7 +60,9 @@ def test_resume_false_starts_over(tmp_path, toy_data):
     path = tmp_path / "c.safetensors"
     train(tiny(steps=2), checkpoint=path, progress=False, images=images, labels=labels)
     again = train(tiny(steps=2), checkpoint=path, resume=False, progress=False, images=images, labels=labels)
-    assert again["step"] == 2 and len(again["losses"]) == 2
+    assert again.step == 2 and len(again.losses) == 2 and again.resumed_from is None and again.steps_run == 2
+    resumed = train(tiny(steps=3), checkpoint=path, progress=False, images=images, labels=labels)
+    assert resumed.resumed_from == 2 and resumed.steps_run == 1  # the same call with resume on does resume
 
 
 def test_learning_rate_warms_up_then_decays_to_a_tenth():
@@ -111,29 +113,33 @@ def test_autocast_is_bf16_only_when_asked_or_on_a_capable_gpu():
 def test_bf16_and_channels_last_train_to_a_finite_loss(toy_data):
     images, labels = toy_data
     result = train(tiny(steps=2, amp="bf16", channels_last=True), progress=False, images=images, labels=labels)
-    assert result["step"] == 2 and all(math.isfinite(l) for l in result["losses"])
-    assert result["images_per_s"] > 0
+    assert result.step == 2 and all(math.isfinite(l) for l in result.losses)
+    assert result.images_per_s > 0
 
 
 def test_style_statistics_are_measured_and_saved_with_the_model(tmp_path, toy_data):
     images, labels = toy_data
     path = tmp_path / "s.safetensors"
-    result = train(tiny(steps=2), checkpoint=path, progress=False, images=images, labels=labels)
-    assert len(result["config"].style_mean) == 2 and all(s > 0 for s in result["config"].style_std)
-    model, schedule, config = load_model(path, device="cpu")
-    assert config.style_mean == result["config"].style_mean and schedule.T == config.T
-    assert not model.training and model.style_dim == 3
-    for a, b in zip(model.parameters(), result["ema"].parameters()):
+    config = tiny(steps=2)
+    result = train(config, checkpoint=path, progress=False, images=images, labels=labels)
+    assert config.style_mean == ()  # the caller's config is left alone
+    assert len(result.config.style_mean) == 2 and all(s > 0 for s in result.config.style_std)
+    denoiser = load_denoiser(path, device="cpu")
+    assert denoiser.style_mean == result.config.style_mean and denoiser.schedule.T == config.T
+    assert not denoiser.net.training and denoiser.style_dim == 3 and denoiser.prediction == config.prediction
+    for a, b in zip(denoiser.net.parameters(), result.denoiser.net.parameters()):
         assert torch.equal(a, b)  # sampling uses the EMA weights by default
-    raw, _, _ = load_model(path, device="cpu", use_ema=False)
-    assert any(not torch.equal(a, b) for a, b in zip(raw.parameters(), model.parameters()))
+    raw = load_denoiser(path, device="cpu", use_ema=False)
+    assert any(not torch.equal(a, b) for a, b in zip(raw.net.parameters(), denoiser.net.parameters()))
 
 
-def test_load_model_refuses_a_file_that_is_not_a_training_checkpoint(tmp_path):
+def test_load_denoiser_refuses_a_file_that_is_not_a_denoiser(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_checkpoint(path, {"w": torch.zeros(2)}, {"something": "else"})
-    with pytest.raises(CheckpointError, match="not a diffusion_lab training checkpoint"):
-        load_model(path)
+    with pytest.raises(CheckpointError, match="not a diffusion_lab/2 denoiser checkpoint"):
+        load_denoiser(path)
+    with pytest.raises(CheckpointError, match="mnist-classifier is a shipped classifier"):
+        load_denoiser("mnist-classifier")
 
 
 def test_build_model_matches_the_config():

@@ -61,7 +61,8 @@ class Denoiser:
         if not self.shape or min(self.shape) < 1:
             raise ValueError(f"a sample's shape must be non-empty and positive, got {self.shape}")
 
-    def __call__(self, x_t, t, **codes):
+    def __call__(self, x_t, t, labels=None, style=None, context=None):
+        codes = {"labels": labels, "style": style, "context": context}
         return self.net(x_t, t, **{k: v for k, v in codes.items() if v is not None})
 
     @property

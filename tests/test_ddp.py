@@ -49,7 +49,7 @@ def tiny_config(seed: int) -> TrainConfig:
     # silently move the numbers that TOLERANCE_FLOOR was measured for
     return TrainConfig(channels=(8, 16, 16), attention=False, conditional=True, style=False, steps=STEPS,
                        batch_size=BATCH, lr=3e-3, warmup=10, lr_decay="cosine", schedule="cosine", T=1000,
-                       objective="eps", weighting="none", p_uncond=0.1, grad_clip=1.0, seed=seed, device="cpu",
+                       prediction="eps", weighting="none", p_uncond=0.1, grad_clip=1.0, seed=seed, device="cpu",
                        amp="none", ema_decay=0.99, log_every=10)
 
 
@@ -77,8 +77,9 @@ def worker(data_file: str, out_dir: str, seed: int) -> None:
     else:
         result = train(tiny_config(seed), progress=False, images=saved["images"], labels=saved["labels"])
     rank, world = dist.get_rank(), dist.get_world_size()
-    flat = torch.cat([p.detach().flatten() for p in result["model"].parameters()])
-    report = {"rank": rank, "world": world, "losses": result["losses"], "step": result["step"],
+    flat = torch.cat([p.detach().flatten() for p in result.model.parameters()])
+    report = {"rank": rank, "world": world, "losses": result.losses, "step": result.step,
+              "resumed_from": result.resumed_from, "steps_run": result.steps_run,
               "weights_sum": flat.double().sum().item(), "weights_abs_sum": flat.double().abs().sum().item()}
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
     dist.barrier()
@@ -111,7 +112,7 @@ def runs(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        reference = [train(tiny_config(seed), progress=False, images=images, labels=labels)["losses"]
+        reference = [train(tiny_config(seed), progress=False, images=images, labels=labels).losses
                      for seed in REFERENCE_SEEDS]
     finally:
         torch.set_num_threads(threads)
@@ -127,6 +128,8 @@ def test_ddp_resume_keeps_ranks_on_different_data(tmp_path):
     assert proc.returncode == 0, f"torchrun failed:\n{output[-3000:]}"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["step"] for r in ranks] == [STEPS, STEPS]
+    # every rank resumed from rank 0's checkpoint and ran only the remaining steps
+    assert [(r["resumed_from"], r["steps_run"]) for r in ranks] == [(RESUME_AT, STEPS - RESUME_AT)] * 2
     # the losses after the resume come from each rank's own batches: equal losses would mean equal data
     after = [np.array(r["losses"][RESUME_AT:]) for r in ranks]
     assert len(after[0]) == STEPS - RESUME_AT and not np.allclose(after[0], after[1])

@@ -86,11 +86,13 @@ INLINE_CODE = re.compile(r"`[^`\n]*`")
 # A measured-looking figure: a decimal, a percentage, a number with a unit of time, size or speed, or a
 # number within a few characters after a metric's name ("FID 222", "accuracy of 96", "scores about 14")
 FIGURE = re.compile(
-    r"(?<![\w.\-])(?:\d[\d,]*(?:\.\d+)?\s?(?:ms|s|min|minutes|seconds|hours|MB|GB|GiB|img/s|images/s)\b"
+    r"(?<![\w.\-])(?:\d[\d,]*(?:\.\d+)?(?:\ss|\s?(?:ms|min|minutes|seconds|hours|MB|GB|GiB|img/s|images/s))\b"  # "1s" are ones
     r"|\d[\d,]*(?:\.\d+)?\s?%"
     r"|\d[\d,]*\.\d+"
     r"|(?:FID|accuracy|MSE|loss|scores?|scored|floor)(?:\s+(?:is|was|of|about|around|near|only|=|:))*\s+\d[\d,]*)"
 )
+# Section and equation numbers are references, not figures: "(section 4.3)", "equation 2.1"
+SECTION_REF = re.compile(r"\b(?:sections?|equations?|eq\.|§)\s*\d+(?:\.\d+)*", re.I)
 # True constants that a box or solution may state by hand: no measurement can change them
 ALLOWED = {
     "0.999", "0.9999",  # EMA decays, settings
@@ -112,14 +114,17 @@ def hand_typed_figures(body: str) -> list[str]:
     body = MATH.sub(" ", body)
     body = "\n".join(line for line in body.splitlines() if not line.startswith("    "))  # indented code
     body = INLINE_CODE.sub(" ", body)
+    body = SECTION_REF.sub(" ", body)
     return [m.group(0) for m in FIGURE.finditer(body) if m.group(0) not in ALLOWED]
 
 
 def test_figure_pattern_catches_what_it_should():
-    planted = "```{solution} ex-99-1\n:class: dropdown\n\nThe FID is 719 and the step takes 3.4 ms, 96% of the time.\n```\n"
+    planted = ("```{solution} ex-99-1\n:class: dropdown\n\nThe FID is 719 and the step takes 3.4 ms, 96% of the time;\n"
+               "it trains in 40 s and draws more 1s than 7s.\n```\n")
     (_, body), = claim_and_solution_blocks(planted)
-    assert hand_typed_figures(body) == ["FID is 719", "3.4 ms", "96%"]
-    glued = "```{admonition} Claim check: x\n:class: tip\nFID {glue:text}`fid:.1f`, a ratio $\\approx 1.39$, `lr=2e-4`.\n```\n"
+    assert hand_typed_figures(body) == ["FID is 719", "3.4 ms", "96%", "40 s"]
+    glued = ("```{admonition} Claim check: x\n:class: tip\nFID {glue:text}`fid:.1f`, a ratio $\\approx 1.39$, `lr=2e-4`,\n"
+             "as section 4.3 shows.\n```\n")
     (_, body), = claim_and_solution_blocks(glued)
     assert hand_typed_figures(body) == []
 

@@ -55,7 +55,7 @@ def render_sweep(folder: Path) -> str:
         f"the {rows[0]['steps']:,} steps (batch 128) that the 20-minute CPU headline reaches, bf16 autocast, then 2,000 "
         "digits by DDIM 20 steps at guidance 1, scored by the repo's classifier, exactly as in "
         "`benchmarks/train_vs_anchor.py`. This chooses levers cheaply; the CPU run stays the judge. Seed 1's "
-        "process was cut off by the session's time limit after six of its seven runs, so its rows come from its "
+        "process was cut off by its time limit after six of its seven runs, so its rows come from its "
         "printed log; seed 2 ran three of the levers.", "",
         markdown_table(["variant", "lever", "seed", "steps", "classifier-FID ↓", "cond. accuracy ↑",
                         "FID / baseline's", "accuracy − baseline's (points)"], table), "",

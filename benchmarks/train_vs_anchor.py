@@ -230,7 +230,7 @@ def render(result: dict) -> str:
     checks += [[f"conditional accuracy >= 97%, guided (scale {fmt(r['guidance'])})",
                 f"{fmt(r['conditional_accuracy'])} (fraction)", r["conditional_accuracy"] >= 0.97]
                for r in result["rows"] if r["recipe"] == "this repo, guided"]
-    lines += [markdown_table(["target (issue 5)", "measured", "met"], checks), ""]
+    lines += [markdown_table(["target", "measured", "met"], checks), ""]
     how = s.get("how", SAMPLER_NOTES[s["sampler"]])
     lines += [f"Sampling: diffusion_lab `{s['sampler']}` ({how}), {s['steps']} network evaluations per image for "
               f"both (guided rows: two per step, batched), trailing timesteps, x0_hat clipped to [-1, 1], the same "

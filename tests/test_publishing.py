@@ -192,7 +192,7 @@ def test_check_site_exit_status(tmp_path, capsys):
     assert check_site.main([str(tmp_path / "nowhere")]) == 2
 
 
-def test_print_pdf_typesets_math_before_printing(tmp_path):
+def test_print_pdf_prints_rendered_math_and_images(tmp_path):
     need_chromium()
     import print_pdf
 
@@ -201,3 +201,28 @@ def test_print_pdf_typesets_math_before_printing(tmp_path):
     stats = print_pdf.print_pdf(site, out)
     assert stats == {"images": 1, "broken": 0, "math": 1, "unrendered": 0}
     assert out.read_bytes().startswith(b"%PDF") and out.stat().st_size > 1000
+
+
+def test_check_site_reads_matplotlib_animations(tmp_path):
+    """A real jshtml animation (as the chapters embed them) passes; the same one without its frames fails."""
+    need_chromium()
+    import check_site
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation
+
+    fig, ax = plt.subplots(figsize=(1, 1))
+    image = ax.imshow([[0.0, 1.0], [1.0, 0.0]])
+    html = FuncAnimation(fig, lambda i: image.set_data([[i, 1.0], [1.0, 0.0]]), frames=3).to_jshtml()
+    plt.close(fig)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text(f"<!doctype html><html><body>{html}</body></html>", encoding="utf-8")
+    no_frames = re.sub(r'frames\[\d+\] = "data:image/png;base64,[^"]*"', "", html, flags=re.S)
+    assert no_frames != html
+    (site / "no_frames.html").write_text(f"<!doctype html><html><body>{no_frames}</body></html>", encoding="utf-8")
+    report = check_site.check_site(site)
+    assert report["index.html"] == []
+    assert "animation frame did not render" in [kind for kind, _ in report["no_frames.html"]]

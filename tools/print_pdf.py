@@ -25,12 +25,16 @@ PREPARE = r"""
   // Solutions are folded away on the site; the theme would unfold every toggle for print. Keep them out.
   const style = document.createElement('style');
   style.textContent = `@media print {
-    .solution, .dropdown-toggle, .animation .anim-buttons, .animation .anim-state, .animation input { display: none !important; }
-    img, figure, .cell_output { break-inside: avoid; }
+    .solution, .animation .anim-controls { display: none !important; }
+    img, figure, .cell_output, .cell_input { break-inside: avoid; }
+    /* Page breaks are ignored inside the theme's flex layout: lay it out as plain blocks for print. */
+    .bd-container, .bd-container__inner, .bd-main, .bd-content, .bd-article-container, .bd-article { display: block !important; }
   }`;
   document.head.appendChild(style);
-  // Each chapter starts on a new page.
-  [...document.querySelectorAll('section > h1')].slice(1).forEach(h => { h.parentElement.style.breakBefore = 'page'; });
+  // Each chapter starts on a new page. The single-page builder marks where each document begins.
+  for (const mark of document.querySelectorAll('span[id^="document-"]')) {
+    if (mark.nextElementSibling) mark.nextElementSibling.style.breakBefore = 'page';
+  }
   // Only the book's own images: the browser is offline, so a remote one (a Colab badge) would print as a hole.
   const local = (img) => img.src.startsWith('data:') || new URL(img.src, location.href).origin === location.origin;
   for (const img of document.images) if (!local(img)) img.style.display = 'none';

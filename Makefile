@@ -57,7 +57,8 @@ chromium:
 	@command -v $(CHROMIUM) >/dev/null || { \
 		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 			echo "==> installing Debian's chromium"; \
-			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+				&& command -v $(CHROMIUM) >/dev/null; \
 		else \
 			echo "make: $(CHROMIUM) not found; install Debian's chromium (sudo apt-get install chromium)" >&2; exit 1; \
 		fi; }

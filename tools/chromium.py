@@ -80,7 +80,10 @@ class Chromium:
     """One headless browser with one tab. `call` sends a CDP command; events are kept in `self.events`."""
 
     def __init__(self, binary: str | None = None, start_timeout: float = 30.0):
-        from websockets.sync.client import connect
+        try:
+            from websockets.sync.client import connect
+        except ImportError:
+            raise BrowserError("the Python package `websockets` (>= 13) is missing; it is in the [book] extra") from None
 
         self.profile = tempfile.mkdtemp(prefix="chromium-profile-")
         self.proc = subprocess.Popen(

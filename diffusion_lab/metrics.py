@@ -69,6 +69,9 @@ class MNISTClassifier(nn.Module):
 def load_classifier(device: torch.device | str | None = None, name_or_path: str = CLASSIFIER_NAME) -> MNISTClassifier:
     """The shipped classifier (SHA-256 verified by `checkpoint.load_checkpoint`), in eval mode (chapter 01)."""
     tensors, config = checkpoint.load_checkpoint(name_or_path)
+    if config.get("model") != "MNISTClassifier":
+        raise checkpoint.CheckpointError(f"{name_or_path} is not an MNIST classifier checkpoint "
+                                         f"(its config names model {config.get('model')!r})")
     model = MNISTClassifier(tuple(config["channels"]), config["hidden"], config["dropout"])
     model.load_state_dict(tensors)
     return model.to(get_device(device)).eval()
@@ -310,7 +313,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"checkpoint {args.checkpoint}: MNIST test accuracy {correct / len(labels):.4%} ({correct}/{len(labels)})")
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m diffusion_lab.metrics", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     train = commands.add_parser("train-classifier", help="train the MNIST classifier and save it as safetensors")
@@ -327,9 +330,35 @@ def main(argv: list[str] | None = None) -> None:
     evaluate.add_argument("--device", default=None)
     evaluate.add_argument("--threads", type=int, default=0)
     evaluate.set_defaults(run=_cmd_evaluate)
-    args = parser.parse_args(argv)
-    args.run(args)
+    return parser
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    problems = []
+    if args.threads < 0:
+        problems.append(f"--threads must be 0 (torch's default) or more, got {args.threads}")
+    if args.command == "train-classifier":
+        if args.epochs < 1:
+            problems.append(f"--epochs must be at least 1, got {args.epochs}")
+        if args.batch_size < 1:
+            problems.append(f"--batch-size must be at least 1, got {args.batch_size}")
+        if not (math.isfinite(args.lr) and args.lr > 0):
+            problems.append(f"--lr must be a positive number, got {args.lr}")
+        if not str(args.out).endswith(".safetensors"):
+            problems.append(f"--out must name a .safetensors file, got {args.out!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _check_args(args)
+        args.run(args)
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:  # CheckpointError is a ValueError
+        raise SystemExit(f"error: {err}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -94,3 +94,74 @@ def tile(images: np.ndarray, ncol: int, pad: int = 2, fill=0.5) -> np.ndarray:
         r, c = divmod(i, ncol)
         grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = img
     return grid
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caches that verify themselves: a file with a pinned size and SHA-256, rebuilt from its source when wrong
+# ----------------------------------------------------------------------------------------------------------
+
+
+class CacheError(FileNotFoundError):
+    """A cached data file is missing or damaged and cannot be rebuilt here. The message names the file and the fix."""
+
+
+_HASHED: dict[tuple, str] = {}  # (path, size, mtime, ctime, inode) -> SHA-256: each file is hashed once per process
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, remembered while the file is unchanged (same size, mtime, ctime and inode).
+
+    ctime is in the key because nothing can set it back: editing a file in place and restoring its mtime
+    still changes ctime, so a remembered hash never hides a change.
+    """
+    import hashlib
+
+    path = Path(path).resolve()
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    if key not in _HASHED:
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        _HASHED[key] = digest.hexdigest()
+    return _HASHED[key]
+
+
+def cache_problem(path: str | os.PathLike, size: int, sha256: str) -> str | None:
+    """None if `path` holds exactly the pinned bytes; otherwise what is wrong, in words. Size first: it is free."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    actual = path.stat().st_size
+    if actual != size:
+        return f"damaged ({actual:,} bytes, expected {size:,}: cut off or overwritten?)"
+    if file_sha256(path) != sha256:
+        return f"damaged (its SHA-256 differs from the pinned {sha256[:12]}...)"
+    return None
+
+
+def verified_cache(path: str | os.PathLike, size: int, sha256: str, build=None, fix: str = "") -> Path:
+    """Return `path` once it holds the pinned bytes (size, then SHA-256); rebuild it first if it is missing or damaged.
+
+    `build()` writes the file again from its source, atomically (with `atomic_write_bytes`), or raises CacheError
+    saying why no source is at hand; pass build=None when there is none. The rebuilt file is checked like the
+    old one. When it cannot be made right, CacheError names the file, what is wrong with it, and `fix`
+    (one line: how to get the data).
+    """
+    path = Path(path)
+    problem = cache_problem(path, size, sha256)
+    if problem is None:
+        return path
+    reason = "no source to rebuild it from is at hand"
+    if build is not None:
+        try:
+            build()
+        except CacheError as err:
+            reason = f"it cannot be rebuilt: {err}"
+        else:
+            rebuilt = cache_problem(path, size, sha256)
+            if rebuilt is None:
+                return path
+            reason = f"rebuilding it from its source gave a file that is {rebuilt}"
+    raise CacheError(f"{path} is {problem}, and {reason}. {fix}".strip())

@@ -180,6 +180,7 @@ def test_sample_style_and_style_frame():
 
 
 def test_style_explorer_builds_and_reacts():
+    import ipywidgets  # noqa: F401  (a test requirement: when missing this fails, it does not skip)
     import matplotlib
 
     matplotlib.use("Agg")

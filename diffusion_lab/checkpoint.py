@@ -47,14 +47,6 @@ def checkpoint_dir() -> Path:
     return Path(env) if env else Path(__file__).resolve().parent.parent / "checkpoints"
 
 
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], config: dict) -> str:
     """Save `tensors` with `config` (JSON) as metadata, atomically. Returns the file's SHA-256."""
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}

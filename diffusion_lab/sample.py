@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data
-from .checkpoint import SHIPPED, CheckpointError, resolve_checkpoint, sha256_of
+from .checkpoint import SHIPPED, CheckpointError, resolve_checkpoint
 from .conditioning import guided, style_code
 from .denoiser import load_denoiser
 from .samplers import SAMPLERS, check_known_region, sample_ddim, sample_repaint, with_known_region
-from .utils import NUM_CLASSES, atomic_write_bytes, tile
+from .utils import NUM_CLASSES, atomic_write_bytes, file_sha256, tile
 
 
 def parse_labels(spec: str, n: int, seed: int = 0) -> torch.Tensor:
@@ -242,9 +242,13 @@ def _check_args(args) -> None:
         problems.append("--eta applies to --sampler ddim only")
     if args.grid is not None and not args.grid.lower().endswith(".png"):
         problems.append(f"--grid must name a .png file, got {args.grid!r}")
-    out_dir = Path(args.out).expanduser().resolve().parent
-    if not out_dir.is_dir():
-        problems.append(f"the folder of --out does not exist: {out_dir}")
+    out = Path(args.out).expanduser()
+    if not out.name or out.is_dir():
+        problems.append(f"--out must name a file to write, got the folder {args.out!r}")
+    elif not out.resolve().parent.is_dir():
+        problems.append(f"the folder of --out does not exist: {out.resolve().parent}")
+    if args.evaluate and args.n < 2:
+        problems.append("--evaluate needs --n of at least 2 (FID compares two sets of samples)")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -279,7 +283,7 @@ def run(args) -> dict:
     labels_out = labels if labels is not None else torch.full((args.n,), -1, dtype=torch.long)
 
     meta = {"checkpoint": str(args.checkpoint), "file": str(path),
-            "sha256": expected_sha or sha256_of(path), "sha256_verified": expected_sha is not None,
+            "sha256": expected_sha or file_sha256(path), "sha256_verified": expected_sha is not None,
             "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "eta": args.eta,
             "clip_x0": args.clip_x0,
             "seed": args.seed, "n": args.n, "labels": args.labels, "slant": args.slant, "thickness": args.thickness,
@@ -304,7 +308,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         summary = run(args)
-    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as err:
+    except (CheckpointError, ValueError, RuntimeError, OSError) as err:  # OSError covers FileNotFoundError
         raise SystemExit(f"error: {err}")
     print(json.dumps(summary))
     return 0

@@ -5,6 +5,7 @@ Introduced in chapter 00 (quickstart); every other module may import this one, a
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import random
@@ -114,8 +115,6 @@ def file_sha256(path: str | os.PathLike) -> str:
     ctime is in the key because nothing can set it back: editing a file in place and restoring its mtime
     still changes ctime, so a remembered hash never hides a change.
     """
-    import hashlib
-
     path = Path(path).resolve()
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)

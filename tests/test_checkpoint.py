@@ -6,6 +6,7 @@ import torch
 
 from diffusion_lab import checkpoint
 from diffusion_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffusion_lab.utils import file_sha256
 
 
 def test_round_trip(tmp_path):
@@ -50,5 +51,5 @@ def test_every_shipped_checkpoint_matches_its_pin():
         path = checkpoint.checkpoint_dir() / f"{name}.safetensors"
         assert kind in ("diffusion", "classifier", "denoisers"), f"{name}: unknown kind {kind!r}"
         assert path.stat().st_size <= 8_000_000, f"{path} is over the 8 MB a shipped file may take"
-        assert checkpoint.sha256_of(path) == sha, f"{path} does not match SHIPPED[{name!r}]"
+        assert file_sha256(path) == sha, f"{path} does not match SHIPPED[{name!r}]"
         assert (checkpoint.checkpoint_dir() / f"{name}.md").exists(), f"{name} has no model card"

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from diffusion_lab import checkpoint, data, metrics
+from diffusion_lab.utils import file_sha256
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def test_features(mnist_test, classifier):
 def test_shipped_classifier_is_pinned_and_small():
     path = checkpoint.checkpoint_dir() / "mnist-classifier.safetensors"
     assert metrics.CLASSIFIER_NAME in checkpoint.SHIPPED
-    assert checkpoint.sha256_of(path) == checkpoint.SHIPPED[metrics.CLASSIFIER_NAME].sha256
+    assert file_sha256(path) == checkpoint.SHIPPED[metrics.CLASSIFIER_NAME].sha256
     assert path.stat().st_size < 2_000_000
 
 

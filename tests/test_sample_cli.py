@@ -16,7 +16,7 @@ import torch
 from diffusion_lab import checkpoint, sample
 from diffusion_lab.denoiser import load_denoiser, save_denoiser
 from diffusion_lab.training import TrainConfig, build_denoiser
-from diffusion_lab.utils import tile
+from diffusion_lab.utils import file_sha256, tile
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -65,7 +65,7 @@ def test_cli_writes_images_labels_and_grid(ckpt, tmp_path):
     assert f["labels"].dtype == np.int64 and f["labels"].tolist() == [i % 10 for i in range(23)]
     assert f["images"].std() > 0  # not a constant picture
     meta = json.loads(str(f["meta"]))
-    assert meta["sampler"] == "dpm++2m" and meta["steps"] == 4 and meta["sha256"] == checkpoint.sha256_of(ckpt)
+    assert meta["sampler"] == "dpm++2m" and meta["steps"] == 4 and meta["sha256"] == file_sha256(ckpt)
     assert meta["sha256_verified"] is False  # a path, not a shipped name
     assert summary["n"] == 23 and summary["ms_per_image"] > 0
     from PIL import Image
@@ -182,7 +182,7 @@ def test_shipped_names_are_hash_verified(ckpt, tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "tiny-cond.safetensors").write_bytes(ckpt.read_bytes())
     monkeypatch.setenv(checkpoint.CHECKPOINT_ENV, str(folder))
-    monkeypatch.setitem(checkpoint.SHIPPED, "tiny-cond", checkpoint.Shipped(checkpoint.sha256_of(ckpt), "diffusion"))
+    monkeypatch.setitem(checkpoint.SHIPPED, "tiny-cond", checkpoint.Shipped(file_sha256(ckpt), "diffusion"))
     args = ["--checkpoint", "tiny-cond", "--n", "2", "--steps", "2", "--out", str(tmp_path / "s.npz")]
     run_cli(*args)
     assert json.loads(str(load(tmp_path / "s.npz")["meta"]))["sha256_verified"] is True

@@ -9,9 +9,10 @@ import argparse
 import json
 from dataclasses import asdict
 
-from diffusion_lab.checkpoint import CheckpointError, load_checkpoint, sha256_of
+from diffusion_lab.checkpoint import CheckpointError, load_checkpoint
 from diffusion_lab.denoiser import save_denoiser
 from diffusion_lab.training import TrainConfig, build_denoiser
+from diffusion_lab.utils import file_sha256
 
 
 def convert(source: str, target: str) -> str:
@@ -22,7 +23,7 @@ def convert(source: str, target: str) -> str:
     denoiser = build_denoiser(config)
     denoiser.net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     return save_denoiser(target, denoiser, train=asdict(config), step=meta["step"], elapsed_s=meta.get("elapsed_s"),
-                         converted_from={"format": "diffusion_lab/1", "sha256": sha256_of(source)})
+                         converted_from={"format": "diffusion_lab/1", "sha256": file_sha256(source)})
 
 
 def main(argv=None) -> int:

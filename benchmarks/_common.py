@@ -266,10 +266,12 @@ def model_options(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentG
     return g
 
 
-def begin(args, render=None, title: str = "", headline: str = "") -> tuple[dict | None, dict | None, torch.device | None]:
+def begin(args, render=None, title: str = "",
+          headline: str = "") -> tuple[dict | None, dict | None, torch.device | None]:
     """Start a benchmark: (done, machine, device). With --rerender or --placeholder, `done` says what was written
     and the script returns it. Otherwise --threads is applied, and the machine (its load average now, before any
-    work) and the device are returned."""
+    work) and the device are returned. `render`, `title` and `headline` serve --rerender and --placeholder, which
+    only a script with a markdown rendering has (see base_parser)."""
     if getattr(args, "rerender", False):
         return {"markdown": str(rerender(args.out, render))}, None, None
     if getattr(args, "placeholder", False):

@@ -70,6 +70,7 @@ def phase_ship(out: Path, classifier) -> None:
     if proc.returncode == 0:
         denoiser = load_denoiser(ckpt, device=DEVICE())
         test_images, _ = data.mnist(train=False)
+        test_images = test_images[:500] if RUN["smoke"] else test_images  # the FID reference
         train_images, _ = data.mnist(train=True)
         n = 40 if RUN["smoke"] else 2000
         real = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(1))[:n]]
@@ -159,7 +160,7 @@ def main(argv=None) -> None:
     if args.smoke:
         RUN["smoke"] = True
         SHIP_ARGS[SHIP_ARGS.index("--steps") + 1] = "3"
-        SHIP_ARGS.extend(["--channels", "8", "16", "16", "--device", str(device), "--amp", "none"])
+        SHIP_ARGS.extend(["--channels", "8", "16", "16", "--batch-size", "16", "--device", str(device), "--amp", "none"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     classifier = metrics.load_classifier(DEVICE(), args.classifier)

@@ -87,7 +87,9 @@ def run_scheduler(scheduler, model, x_T: torch.Tensor, steps: int, *, eta: float
     (DPM-Solver). `step_kwargs(i)` may add keyword arguments to step i (tests replay noise with it).
     The timesteps stay on the CPU, where the scheduler's tables are; only the model sees them on x's device.
     """
-    is_ddim = type(scheduler).__name__ == "DDIMScheduler"
+    import diffusers
+
+    is_ddim = isinstance(scheduler, diffusers.DDIMScheduler)
     if eta and not is_ddim:
         raise ValueError(f"eta is DDIM's noise level; {type(scheduler).__name__} has none")
     options = {"eta": eta, "use_clipped_model_output": bool(scheduler.config.clip_sample)} if is_ddim else {}

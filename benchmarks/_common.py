@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
 import sys
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
 
 from diffusion_lab import data, metrics
-from diffusion_lab.samplers import SAMPLERS
-from diffusion_lab.training import TrainConfig, train
+from diffusion_lab.sample import generate
+from diffusion_lab.training import TrainConfig, TrainResult, train
 from diffusion_lab.utils import get_device
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,10 +53,9 @@ def machine_info() -> dict:
     """What the numbers were measured on. Called at the start of a run, so `load_average_start` is the load
     that the measurement met, not the one it caused."""
     name, flags = _cpuinfo()
-    try:
-        import diffusers
-        diffusers_version = diffusers.__version__
-    except ImportError:  # the anchor needs it; the rest of the report does not
+    try:  # read from the installed metadata: importing diffusers would cost seconds
+        diffusers_version = importlib.metadata.version("diffusers")
+    except importlib.metadata.PackageNotFoundError:  # the anchor needs it; the rest of the report does not
         diffusers_version = None
     cpu_capability = None
     if hasattr(torch.backends, "cpu") and hasattr(torch.backends.cpu, "get_cpu_capability"):
@@ -84,6 +84,12 @@ def sync(device: torch.device) -> None:
 
 # --- training for a wall-clock budget ------------------------------------------------------------------------
 
+def run_record(result: TrainResult, **extra) -> dict:
+    """A training run as a dict that a benchmark can extend: TrainResult's fields (denoiser, model, losses, step,
+    elapsed_s, images_per_s, config, ...) plus `extra`."""
+    return {f.name: getattr(result, f.name) for f in fields(result)} | extra
+
+
 def train_for_budget(config: TrainConfig, minutes: float, images, labels, calibrate_steps: int = 10,
                      max_steps: int | None = None, callback=None) -> dict:
     """diffusion_lab.training.train for `minutes` of wall clock, calibration included.
@@ -91,22 +97,22 @@ def train_for_budget(config: TrainConfig, minutes: float, images, labels, calibr
     The recipe decays its learning rate over `config.steps`, so the step count must be known in advance: time
     `calibrate_steps` throw-away steps (a fresh model, same config; at most 5% of the budget, at least one
     step), fit the step count to the budget left (97% of it, leaving room for the probes a callback may run),
-    and stop at the budget in any case (`max_minutes`). Returns train()'s dict plus "calibration",
+    and stop at the budget in any case (`max_minutes`). Returns `run_record` of the run plus "calibration",
     "images_seen" and "total_elapsed_s"."""
     t0 = time.perf_counter()
     calib = train(replace(config, steps=calibrate_steps, max_minutes=0.05 * minutes), progress=False,
                   images=images, labels=labels)
     calib_s = time.perf_counter() - t0
-    per_step = calib_s / calib["step"]
+    per_step = calib_s / calib.step
     left_s = max(minutes * 60 - calib_s, per_step)
     steps = max(1, int(0.97 * left_s / per_step))
     if max_steps:
         steps = min(steps, max_steps)
     result = train(replace(config, steps=steps, max_minutes=left_s / 60), progress=False, images=images,
                    labels=labels, callback=callback)
-    result.update(images_seen=result["step"] * config.batch_size, total_elapsed_s=calib_s + result["elapsed_s"],
-                  calibration={"steps": calib["step"], "seconds": calib_s, "planned_steps": steps})
-    return result
+    return run_record(result, images_seen=result.step * config.batch_size,
+                      total_elapsed_s=calib_s + result.elapsed_s,
+                      calibration={"steps": calib.step, "seconds": calib_s, "planned_steps": steps})
 
 
 # --- sampling and scoring ----------------------------------------------------------------------------------
@@ -134,29 +140,22 @@ def eval_labels(n: int) -> torch.Tensor:
     return torch.arange(n) % 10
 
 
-@torch.no_grad()
-def sample_images(denoiser_for, schedule, n: int, steps: int, prediction: str, device: torch.device,
-                  sampler: str = "ddim", seed: int = 0, batch: int = 500, clip_x0: float | None = 1.0) -> dict:
-    """Draw n digits with one of diffusion_lab's samplers; return {"images": uint8 (n, 28, 28), "labels",
-    "seconds", "seconds_per_image"}.
+def sample_images(denoiser, n: int, steps: int, sampler="ddim", guidance: float = 1.0, seed: int = 0,
+                  batch: int = 500, clip_x0: float | None = 1.0) -> dict:
+    """Draw n digits 0..9 cycling from a Denoiser with sample.generate; return {"images": uint8 (n, 28, 28),
+    "labels", "seconds", "seconds_per_image"}.
 
-    `denoiser_for(labels)` returns the plain callable (x_t, t) -> prediction for a batch of labels. The
-    starting noise x_T depends only on `seed`, so two models sampled with the same seed start from the same x_T.
+    `sampler` is a name in samplers.SAMPLERS or a function with their signature (diffusion_lab.diffusers_compat
+    makes diffusers' loops into one). The starting noise x_T depends only on `seed`, so two models sampled with
+    the same seed start from the same x_T, and so do two samplers.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     labels = eval_labels(n)
-    generator = torch.Generator().manual_seed(seed)
-    images, start = [], time.perf_counter()
-    for i in range(0, n, batch):
-        lab = labels[i:i + batch]
-        x_T = torch.randn(len(lab), 1, 28, 28, generator=generator).to(device)
-        x0 = SAMPLERS[sampler](denoiser_for(lab.to(device)), schedule, x_T, steps=steps, prediction=prediction,
-                               generator=generator, clip_x0=clip_x0)
-        images.append(data.from_unit_range(x0.float()).cpu()[:, 0])
-    sync(device)
+    start = time.perf_counter()
+    x0 = generate(denoiser, labels, sampler=sampler, steps=steps, guidance=guidance, seed=seed, batch_size=batch,
+                  clip_x0=clip_x0)  # on the CPU, so the device has finished
     seconds = time.perf_counter() - start
-    return {"images": torch.cat(images), "labels": labels, "seconds": seconds, "seconds_per_image": seconds / n}
+    return {"images": data.from_unit_range(x0)[:, 0], "labels": labels, "seconds": seconds,
+            "seconds_per_image": seconds / n}
 
 
 def real_floor(judge: Judge, n: int, seed: int = 1) -> float:
@@ -240,16 +239,20 @@ def rerender(out: str | os.PathLike, render) -> Path:
 
 # --- the command line every script shares ------------------------------------------------------------------
 
-def base_parser(doc: str, out_name: str) -> argparse.ArgumentParser:
-    """The options every benchmark has: where to write, device, threads, classifier, --rerender, --placeholder."""
+def base_parser(doc: str, out_name: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark has: device, threads, classifier. With `out_name` (the result's default file in
+    benchmarks/results, for a script that renders its JSON as markdown) also --out with that default, --rerender
+    and --placeholder; without it the script adds its own --out."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=str(RESULTS / out_name))
+    if out_name:
+        p.add_argument("--out", default=str(RESULTS / out_name))
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--classifier", default=metrics.CLASSIFIER_NAME)
-    p.add_argument("--rerender", action="store_true", help="only rewrite the markdown from the JSON at --out")
-    p.add_argument("--placeholder", action="store_true",
-                   help="write only a 'not yet measured on this machine' markdown note and exit")
+    if out_name:
+        p.add_argument("--rerender", action="store_true", help="only rewrite the markdown from the JSON at --out")
+        p.add_argument("--placeholder", action="store_true",
+                       help="write only a 'not yet measured on this machine' markdown note and exit")
     return p
 
 
@@ -263,13 +266,15 @@ def model_options(p: argparse.ArgumentParser, title: str) -> argparse._ArgumentG
     return g
 
 
-def begin(args, render, title: str, headline: str) -> tuple[dict | None, dict | None, torch.device | None]:
+def begin(args, render=None, title: str = "",
+          headline: str = "") -> tuple[dict | None, dict | None, torch.device | None]:
     """Start a benchmark: (done, machine, device). With --rerender or --placeholder, `done` says what was written
     and the script returns it. Otherwise --threads is applied, and the machine (its load average now, before any
-    work) and the device are returned."""
-    if args.rerender:
+    work) and the device are returned. `render`, `title` and `headline` serve --rerender and --placeholder, which
+    only a script with a markdown rendering has (see base_parser)."""
+    if getattr(args, "rerender", False):
         return {"markdown": str(rerender(args.out, render))}, None, None
-    if args.placeholder:
+    if getattr(args, "placeholder", False):
         return {"placeholder": str(write_placeholder(args.out, title, headline))}, None, None
     if args.threads:
         torch.set_num_threads(args.threads)

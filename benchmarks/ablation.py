@@ -3,7 +3,7 @@ one lever from the baseline (diffusion_lab.training.TrainConfig's defaults), sco
 
 Levers (`--variants`; the baseline always runs first):
   min_snr        min-SNR-5 loss weighting (Hang et al. 2023)          weighting="min_snr"
-  eps            eps- instead of v-prediction                          objective="eps"
+  eps            eps- instead of v-prediction                          prediction="eps"
   linear         linear instead of cosine noise schedule               schedule="linear"
   no_ema         sample with the raw weights (no EMA)                  ema_decay=0
   no_attention   no self-attention at 7x7                              attention=False
@@ -34,18 +34,18 @@ from pathlib import Path
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Judge, command_line, fmt, load_average, machine_line, markdown_table, real_floor, sample_images, smoke_line, train_for_budget,
-                     base_parser, begin, write_results)
+from _common import (Judge, base_parser, begin, command_line, fmt, load_average, machine_line,  # noqa: E402
+                     markdown_table, real_floor, run_record, sample_images, smoke_line, train_for_budget,
+                     write_results)
 
 from diffusion_lab import data, metrics  # noqa: E402
-from diffusion_lab.conditioning import guided  # noqa: E402
 from diffusion_lab.samplers import SAMPLERS  # noqa: E402
 from diffusion_lab.training import TrainConfig, train  # noqa: E402
 
 VARIANTS = {
     "baseline": ("TrainConfig defaults", {}),
     "min_snr": ("min-SNR-5 weighting", {"weighting": "min_snr", "min_snr_gamma": 5.0}),
-    "eps": ("eps-prediction", {"objective": "eps"}),
+    "eps": ("eps-prediction", {"prediction": "eps"}),
     "linear": ("linear schedule", {"schedule": "linear"}),
     "no_ema": ("no EMA", {"ema_decay": 0.0}),
     "no_attention": ("no attention", {"attention": False}),
@@ -67,7 +67,7 @@ HEADLINE_COMMAND = "python benchmarks/ablation.py --minutes 5 --n-eval 1000"
 def train_steps(config: TrainConfig, steps: int, images, labels) -> dict:
     """Exactly `steps` steps, no wall-clock budget: the step-matched mode (--steps)."""
     result = train(replace(config, steps=steps), progress=False, images=images, labels=labels)
-    return result | {"images_seen": result["step"] * config.batch_size, "total_elapsed_s": result["elapsed_s"]}
+    return run_record(result, images_seen=result.step * config.batch_size, total_elapsed_s=result.elapsed_s)
 
 
 def render(result: dict) -> str:
@@ -132,9 +132,7 @@ def main(argv=None) -> dict:
             load = load_average()
             run = (train_steps(config, args.steps, images, labels) if args.steps else
                    train_for_budget(config, args.minutes, images, labels, args.calibrate_steps, args.max_steps))
-            s = sample_images(lambda lab, ema=run["ema"]: guided(ema, lab, None, scale=1.0, num_classes=10),
-                              run["schedule"],
-                              args.n_eval, args.sample_steps, config.objective, device, sampler=args.sampler, seed=seed)
+            s = sample_images(run["denoiser"], args.n_eval, args.sample_steps, sampler=args.sampler, seed=seed)
             rows.append({"variant": name, "lever": lever, "seed": seed, "steps": run["step"],
                          "images_seen": run["images_seen"], "images_per_s": run["images_per_s"],
                          "train_s": run["total_elapsed_s"], **judge.score(s["images"], s["labels"]),
@@ -155,7 +153,7 @@ def main(argv=None) -> dict:
               "steps": args.steps, "sampler": args.sampler, "sample_steps": args.sample_steps, "seeds": args.seeds, "max_steps": args.max_steps,
               "smoke": (args.minutes < HEADLINE["minutes"] or args.n_eval < HEADLINE["n_eval"] or bool(args.max_steps)
                         or bool(args.n_reference)),
-              "baseline_summary": (f"channels {tuple(base.channels)}, {base.objective}-prediction, {base.schedule} "
+              "baseline_summary": (f"channels {tuple(base.channels)}, {base.prediction}-prediction, {base.schedule} "
                                    f"schedule, AdamW lr {base.lr:g}, warm-up {base.warmup}, {base.lr_decay} decay, "
                                    f"EMA {base.ema_decay}, batch {base.batch_size}, attention "
                                    f"{'on' if base.attention else 'off'}, amp {base.amp}"),

@@ -25,6 +25,7 @@ from torch import nn
 
 from diffusion_lab import data
 from diffusion_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from diffusion_lab.denoiser import Denoiser
 from diffusion_lab.schedules import NoiseSchedule
 from diffusion_lab.utils import seed_everything
 
@@ -65,6 +66,13 @@ def anchor_schedule(scheduler: DDPMScheduler | None = None) -> NoiseSchedule:
     """The anchor's noise schedule as a diffusion_lab NoiseSchedule (its own float32 betas, held in float64),
     so that diffusion_lab's samplers can drive the anchor with exactly the noise levels it was trained on."""
     return NoiseSchedule((scheduler or anchor_scheduler()).betas.double(), name="anchor-squaredcos_cap_v2")
+
+
+def anchor_denoiser(model: AnchorNet, schedule: NoiseSchedule | None = None) -> Denoiser:
+    """The anchor as a diffusion_lab Denoiser (eps-prediction, its own betas, 1 x 28 x 28), so that
+    sample.generate and the held-out probe treat it like ours. It reads labels 0..9 but was trained without a
+    null label, so it declares no `num_classes` and cannot be guided (guided() then says so)."""
+    return Denoiser(model, RECIPE["objective"], schedule or anchor_schedule(), (1, 28, 28))
 
 
 def save_anchor(path, model: AnchorNet, step: int) -> str:

@@ -25,9 +25,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (Judge, base_parser, begin, command_line, eval_labels, fmt, machine_line,  # noqa: E402
                      markdown_table, real_floor, sample_images, smoke_line, sync, write_results)
-from anchor import anchor_scheduler, load_anchor, train_anchor  # noqa: E402
+from anchor import anchor_denoiser, anchor_scheduler, load_anchor, train_anchor  # noqa: E402
 
 from diffusion_lab import data, metrics  # noqa: E402
+from diffusion_lab.diffusers_compat import run_scheduler  # noqa: E402
 
 HEADLINE = {"steps": 420, "n_eval": 500}
 FEW_STEPS = (("ddpm", 10), ("ddim", 20), ("ddpm", 100))
@@ -38,15 +39,11 @@ HEADLINE_COMMAND = "python benchmarks/anchor_samplers.py --steps 420 --n-eval 50
 @torch.no_grad()
 def course_loop(model, n: int, device, seed: int = 0, steps: int = 1000) -> dict:
     """The course's sampler: diffusers' DDPMScheduler over `steps` steps (the course uses all 1,000 it trained
-    with), fresh noise at each."""
-    scheduler = anchor_scheduler()
-    scheduler.set_timesteps(steps)
+    with), fresh noise at each: the course's own scheduler as it trained, not one set up to match ours."""
     labels, generator = eval_labels(n), torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 28, 28, generator=generator).to(device)
+    x_T, lab = torch.randn(n, 1, 28, 28, generator=generator).to(device), labels.to(device)
     start = time.perf_counter()
-    for t in scheduler.timesteps:
-        eps_hat = model(x, t.to(device).expand(n), labels.to(device))
-        x = scheduler.step(eps_hat, t, x, generator=generator).prev_sample
+    x = run_scheduler(anchor_scheduler(), lambda x_t, t: model(x_t, t, lab), x_T, steps, generator=generator)
     sync(device)
     seconds = time.perf_counter() - start
     return {"images": data.from_unit_range(x.float()).cpu()[:, 0], "labels": labels, "seconds_per_image": seconds / n}
@@ -96,12 +93,10 @@ def main(argv=None) -> dict:
     test_images, _ = data.mnist(train=False)
     judge = Judge(metrics.load_classifier(device, args.classifier), test_images)
 
-    def denoiser_for(lab):
-        return lambda x_t, t: model(x_t, t, lab)
-
+    denoiser = anchor_denoiser(model, schedule)
     rows = []
     for sampler, nfe in FEW_STEPS:
-        s = sample_images(denoiser_for, schedule, args.n_eval, nfe, "eps", device, sampler=sampler, seed=args.seed)
+        s = sample_images(denoiser, args.n_eval, nfe, sampler=sampler, seed=args.seed)
         rows.append({"sampler": f"diffusion_lab {sampler}", "nfe": nfe, "n": args.n_eval,
                      **judge.score(s["images"], s["labels"]), "seconds_per_image": s["seconds_per_image"]})
         print(rows[-1], flush=True)

@@ -8,8 +8,8 @@ each model needs to reach a fixed FID, and its spread over seeds.
 
 - GAN: the DCGAN of diffusion_lab.gan (Radford et al. 2016), trained by `gan.train_gan`; one forward pass
   per sample.
-- Diffusion: an unconditional UNet trained by `training.train` (eps objective, cosine schedule, EMA weights),
-  sampled with deterministic DDIM (`samplers.sample_ddim`); `ddim_steps` forward passes per sample.
+- Diffusion: an unconditional UNet trained by `training.train` (eps-prediction, cosine schedule, EMA weights),
+  sampled with deterministic DDIM (`sample.generate`); `ddim_steps` forward passes per sample.
 
 Run from the repository root:
     python benchmarks/gan_vs_diffusion.py --preset full --out benchmarks/results/gan_vs_diffusion.json
@@ -21,12 +21,9 @@ Chapter 01 imports this file to run a small version live, and plots the JSON it 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -34,11 +31,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_lab import checkpoint, data, gan, metrics
-from diffusion_lab.samplers import sample_ddim
-from diffusion_lab.training import TrainConfig, build_model, build_schedule, train
-from diffusion_lab.unet import count_parameters
-from diffusion_lab.utils import get_device
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import base_parser, begin, load_average, machine_info, sync  # noqa: E402
+
+from diffusion_lab import checkpoint, data, gan, metrics  # noqa: E402
+from diffusion_lab.sample import generate  # noqa: E402
+from diffusion_lab.training import TrainConfig, build_denoiser, train  # noqa: E402
+from diffusion_lab.utils import file_sha256  # noqa: E402
+from diffusion_lab.unet import count_parameters  # noqa: E402
+from diffusion_lab.utils import get_device  # noqa: E402
 
 # Work amounts. smoke/demo/full match the run profiles, and chapter 01 runs them live; `cpu` is the longer
 # CPU measurement whose JSON is stored in benchmarks/results. On a CPU the budget is counted in CPU seconds.
@@ -55,26 +56,6 @@ PRESETS = {
 }
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _load() -> list[float] | None:
-    # the machine's load average: on a shared machine, how many other processes wanted the cores
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class FIDJudge:
     """Classifier-FID of generated images against fixed reference statistics (the held-out test digits)."""
 
@@ -87,22 +68,14 @@ class FIDJudge:
         return metrics.frechet_distance(mu, sigma, self.mu, self.sigma)
 
 
-def sample_diffusion(ema, schedule, n: int, ddim_steps: int, seed: int, device, prediction: str,
-                     batch_size: int = 1000) -> torch.Tensor:
-    """n unconditional samples (n, 1, 28, 28) on the CPU by deterministic DDIM from the EMA UNet.
+def sample_diffusion(denoiser, n: int, ddim_steps: int, seed: int, batch_size: int = 1000) -> torch.Tensor:
+    """n unconditional samples (n, 1, 28, 28) in [-1, 1] on the CPU by deterministic DDIM from a Denoiser (the
+    EMA weights while training), through sample.generate.
 
     x0_hat is clipped to [-1, 1] at every step, as DDPM's sampler does (Ho et al. 2020): without it an eps model
     on the cosine schedule divides its error by sqrt(alpha_bar) ~ 5e-5 at the first step.
-
-    `prediction` must be the objective the model was trained with ("eps", "x0" or "v").
     """
-    rng = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n, batch_size):
-        x_T = torch.randn(min(batch_size, n - start), 1, 28, 28, generator=rng).to(device)
-        out.append(sample_ddim(lambda x_t, t: ema(x_t, t), schedule, x_T, steps=ddim_steps,
-                               prediction=prediction, clip_x0=1.0).float().cpu())
-    return torch.cat(out).clamp(-1, 1)
+    return generate(denoiser, n=n, sampler="ddim", steps=ddim_steps, seed=seed, batch_size=batch_size, clip_x0=1.0)
 
 
 class _Clock:
@@ -121,7 +94,7 @@ class _Clock:
         self.eval_wall = self.eval_cpu = 0.0
 
     def read(self) -> tuple[float, float]:
-        _sync(self.device)
+        sync(self.device)
         return (time.perf_counter() - self.wall0 - self.eval_wall, time.process_time() - self.cpu0 - self.eval_cpu)
 
     def now(self) -> float:
@@ -132,7 +105,7 @@ class _Clock:
         """Run measure() off the clock; return its result."""
         w, c = time.perf_counter(), time.process_time()
         result = measure()
-        _sync(self.device)
+        sync(self.device)
         self.eval_wall += time.perf_counter() - w
         self.eval_cpu += time.process_time() - c
         return result
@@ -171,10 +144,10 @@ def gan_fid_curve(images, judge: FIDJudge, budget_s: float, evals: int, n_fid: i
 
 def diffusion_config(seed: int, batch_size: int, channels, device) -> TrainConfig:
     """The diffusion recipe, pinned here so that a change of the package's defaults cannot change the race:
-    DDPM's eps objective (Ho et al. 2020) on a cosine schedule with T = 1000, unconditional like the GAN, and a
+    DDPM's eps-prediction (Ho et al. 2020) on a cosine schedule with T = 1000, unconditional like the GAN, and a
     constant learning rate after warm-up, since the run's length is a time budget."""
     return TrainConfig(channels=tuple(channels), blocks_per_level=1, attention=True, conditional=False, style=False,
-                       schedule="cosine", T=1000, objective="eps", weighting="none", steps=10**9,
+                       schedule="cosine", T=1000, prediction="eps", weighting="none", steps=10**9,
                        batch_size=batch_size, lr=2e-3, warmup=100, lr_decay="constant", weight_decay=0.0,
                        grad_clip=1.0, ema_decay=0.999, seed=seed, device=str(device), amp="none",
                        ckpt_every=10**9, log_every=5)
@@ -196,23 +169,20 @@ def diffusion_fid_curve(images, labels, judge: FIDJudge, budget_s: float, evals:
         if timer.now() < next_eval:
             return False
         wall, cpu = timer.read()
-        fid = timer.evaluation(lambda: judge(sample_diffusion(ema, schedule, n_fid, ddim_steps, 10_000 + seed, device,
-                                                              config.objective)))
+        fid = timer.evaluation(lambda: judge(sample_diffusion(ema, n_fid, ddim_steps, 10_000 + seed)))
         raw.append((step, fid, wall, cpu))
         next_eval += budget_s / evals
         return (wall if clock == "wall" else cpu) >= budget_s
 
-    schedule = build_schedule(config)
     run = train(config, progress=False, images=images, labels=labels, callback=evaluate)
-    # run["elapsed_s"] is train()'s own loop time (evaluations included); the rest of our wall clock is set-up
-    setup = (time.perf_counter() - timer.wall0) - run["elapsed_s"]
+    # run.elapsed_s is train()'s own loop time (evaluations included); the rest of our wall clock is set-up
+    setup = (time.perf_counter() - timer.wall0) - run.elapsed_s
     curve = [_point(timer, step, fid, wall - setup, cpu) for step, fid, wall, cpu in raw]
-    train_s = run["elapsed_s"] - timer.eval_wall
-    return {"curve": curve, "steps": run["step"], "ms_per_step": 1000 * train_s / run["step"],
-            "cpu_ms_per_step": 1000 * curve[-1]["cpu_s"] / curve[-1]["step"], "losses": run["losses"],
-            "ema": run["ema"], "schedule": run["schedule"], "objective": config.objective,
-            "params": count_parameters(run["model"]),
-            "params_sampler": count_parameters(run["ema"]), "setup_s": setup}
+    train_s = run.elapsed_s - timer.eval_wall
+    return {"curve": curve, "steps": run.step, "ms_per_step": 1000 * train_s / run.step,
+            "cpu_ms_per_step": 1000 * curve[-1]["cpu_s"] / curve[-1]["step"], "losses": run.losses,
+            "ema": run.denoiser, "prediction": config.prediction, "params": count_parameters(run.model),
+            "params_sampler": count_parameters(run.denoiser.net), "setup_s": setup}
 
 
 def time_to_target(curve: list[dict], target: float) -> float | None:
@@ -228,16 +198,16 @@ def sampling_cost(cfg: dict, device, z_dim: int = 64) -> dict:
     """
     n, steps = cfg["n_cost"], cfg["ddim_steps"]
     G = gan.Generator(z_dim, cfg["gan_width"]).to(device)
-    config = diffusion_config(0, cfg["batch_size"], cfg["unet_channels"], device)
-    unet, schedule = build_model(config).to(device).eval(), build_schedule(config)
+    unet = build_denoiser(diffusion_config(0, cfg["batch_size"], cfg["unet_channels"], device)).to(device)
+    unet.net.eval()
     timings = {}
     for name, draw in (("gan", lambda: gan.sample_gan(G, n, generator=torch.Generator().manual_seed(0))),
-                       ("diffusion", lambda: sample_diffusion(unet, schedule, n, steps, 0, device, config.objective))):
+                       ("diffusion", lambda: sample_diffusion(unet, n, steps, 0))):
         draw()  # warm-up
-        _sync(device)
+        sync(device)
         t0, c0 = time.perf_counter(), time.process_time()
         draw()
-        _sync(device)
+        sync(device)
         timings[name] = (time.perf_counter() - t0, time.process_time() - c0)
     return {"n": n, "gan_s": timings["gan"][0], "diffusion_s": timings["diffusion"][0],
             "gan_cpu_s": timings["gan"][1], "diffusion_cpu_s": timings["diffusion"][1],
@@ -270,7 +240,7 @@ def compare(preset: str = "demo", device=None, classifier=None, progress: bool =
     rng = torch.Generator().manual_seed(1234)
     floor = judge(data.to_unit_range(train_images[torch.randperm(len(train_images), generator=rng)[:cfg["n_fid"]]]))
     say = print if progress else (lambda *a, **k: None)
-    load_before = _load()
+    machine = machine_info()  # its load average: the one the race met, before it ran
     say(f"[{preset}] device {device}; real-vs-real floor FID at n={cfg['n_fid']}: {floor:.3f}")
 
     models = cfg.setdefault("models", list(MODELS))
@@ -297,9 +267,8 @@ def compare(preset: str = "demo", device=None, classifier=None, progress: bool =
                 run = diffusion_fid_curve(train_images, train_labels, judge, cfg["budget_s"], cfg["evals"], cfg["n_fid"],
                                           seed, device, cfg["batch_size"], cfg["unet_channels"], cfg["ddim_steps"],
                                           clock=cfg["clock"])
-                samples = sample_diffusion(run["ema"], run["schedule"], cfg["n_hist"], cfg["ddim_steps"], 7, device,
-                                           run["objective"])
-                extra = {"losses": _thin(run["losses"]), "setup_s": run["setup_s"], "objective": run["objective"]}
+                samples = sample_diffusion(run["ema"], cfg["n_hist"], cfg["ddim_steps"], 7)
+                extra = {"losses": _thin(run["losses"]), "setup_s": run["setup_s"], "objective": run["prediction"]}
             say(f"  {name} seed {seed}: {run['steps']} steps, {run['ms_per_step']:.1f} ms/step, "
                 f"FID {[round(p['fid'], 2) for p in run['curve']]} ({time.perf_counter() - t0:.0f} s)")
             entry = {"seed": seed, "curve": run["curve"], "steps": run["steps"], "ms_per_step": run["ms_per_step"],
@@ -317,10 +286,9 @@ def compare(preset: str = "demo", device=None, classifier=None, progress: bool =
         "script": "benchmarks/gan_vs_diffusion.py",
         "preset": preset,
         "config": cfg,
-        "machine": {"device": str(device), "name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                                                    else _cpu_name()),
-                    "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-                    "python": platform.python_version(), "load_average_before": load_before, "load_average_after": _load()},
+        "machine": {"device": str(device), "name": machine["gpu"] if device.type == "cuda" else machine["cpu"],
+                    **{k: machine[k] for k in ("cpu_count", "torch_threads", "torch", "python")},
+                    "load_average_before": machine["load_average_start"], "load_average_after": load_average()},
         "date": datetime.date.today().isoformat(),
         "floor_fid": floor,
         "runs": runs,
@@ -363,14 +331,11 @@ def merge(parts: list[dict], note: str | None = None) -> dict:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = base_parser(__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="full")
     p.add_argument("--out", required=True, help="where to write the JSON results")
-    p.add_argument("--device", default="auto")
     p.add_argument("--budget-s", type=float, help="training seconds per run (overrides the preset)")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds to run (overrides the preset), e.g. one per process")
-    p.add_argument("--classifier", default=metrics.CLASSIFIER_NAME, help="a shipped name or a .safetensors path")
-    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--models", nargs="+", choices=MODELS, help="train only these models (overrides the preset)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="merge these result files (one per seed) into --out")
     p.add_argument("--note", help="with --merge: a note stored in the merged file")
@@ -382,18 +347,16 @@ def main(argv=None) -> None:
         out.write_text(json.dumps(result, separators=(",", ":")))
         print(f"merged {len(args.merge)} files into {out}")
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    _, _, device = begin(args)  # applies --threads
     overrides = {"budget_s": args.budget_s} if args.budget_s else {}
     if args.seeds:
         overrides["seeds"] = args.seeds
     if args.models:
         overrides["models"] = args.models
-    device = get_device(None if args.device == "auto" else args.device)
     t0 = time.perf_counter()
     result = compare(args.preset, device, metrics.load_classifier(device, args.classifier), **overrides)
     result["total_wall_s"] = round(time.perf_counter() - t0, 1)
-    result["classifier_sha256"] = checkpoint.sha256_of(checkpoint.resolve_checkpoint(args.classifier)[0])
+    result["classifier_sha256"] = file_sha256(checkpoint.resolve_checkpoint(args.classifier)[0])
     result["command"] = "python benchmarks/gan_vs_diffusion.py " + " ".join(argv if argv is not None else sys.argv[1:])
     out.write_text(json.dumps(result, separators=(",", ":")))
     print(f"wrote {out} in {result['total_wall_s']} s")

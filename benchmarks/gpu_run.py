@@ -1,4 +1,4 @@
-"""One prepared GPU session (issue 4 and 5): train the shipped model, time launch-to-99%, measure throughput.
+"""One prepared GPU session: train the shipped model, time launch-to-99%, measure throughput.
 
 Run on a CUDA machine from the repository root:
     python benchmarks/gpu_run.py --out OUTDIR [--phases ship,speed,throughput]
@@ -7,10 +7,9 @@ The shipped model is trained by the training CLI itself (a subprocess), so its m
 """
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -18,26 +17,28 @@ from pathlib import Path
 
 import torch
 
-from diffusion_lab import data, metrics
-from diffusion_lab.conditioning import guided, style_code
-from diffusion_lab.losses import diffusion_loss
-from diffusion_lab.samplers import sample_dpm_solver_pp
-from diffusion_lab.training import TrainConfig, build_model, build_schedule, load_model, train
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import base_parser, begin, machine_info, sample_images, sync  # noqa: E402
+
+from diffusion_lab import data, metrics  # noqa: E402
+from diffusion_lab.conditioning import style_code  # noqa: E402
+from diffusion_lab.denoiser import load_denoiser  # noqa: E402
+from diffusion_lab.losses import diffusion_loss  # noqa: E402
+from diffusion_lab.training import TrainConfig, build_model, build_schedule, train  # noqa: E402
 
 SHIP_ARGS = ["--style", "1", "--steps", "3500", "--batch-size", "512", "--lr", "2e-3", "--warmup", "200",
              "--ema-decay", "0.9995", "--ckpt-every", "1000", "--amp", "none", "--max-minutes", "3", "--quiet"]
 
 
-SMOKE = {"on": False, "device": None}  # --smoke: tiny sizes on any device
+RUN = {"smoke": False, "device": "cuda"}  # --smoke: tiny sizes on any device; the device --device chose
 
 
 def machine() -> dict:
-    return {"gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__,
-            "python": platform.python_version(), "cpu": platform.processor() or platform.machine()}
+    return {k: machine_info()[k] for k in ("gpu", "torch", "python", "cpu")}
 
 
 def DEVICE() -> str:
-    return SMOKE["device"] or "cuda"
+    return RUN["device"]
 
 
 def dump(out: Path, name: str, result: dict) -> None:
@@ -45,25 +46,15 @@ def dump(out: Path, name: str, result: dict) -> None:
     print(f"== {name}: {json.dumps(result)[:600]}", flush=True)
 
 
-@torch.no_grad()
-def evaluate(model, schedule, config, classifier, n: int, guidance: float, steps: int = 20, seed: int = 0,
-             reference=None, batch: int = 1000) -> dict:
-    """Sample n digits with labels cycling 0..9 and the requested style left null; score them."""
-    device = next(model.parameters()).device
-    labels = torch.arange(n) % 10
-    g = torch.Generator().manual_seed(seed)
-    images = []
-    for i in range(0, n, batch):
-        lab = labels[i:i + batch].to(device)
-        x_T = torch.randn(len(lab), 1, 28, 28, generator=g).to(device)
-        fn = guided(model, lab, None, scale=guidance, num_classes=10)
-        x0 = sample_dpm_solver_pp(fn, schedule, x_T, steps=steps, prediction=config.objective, clip_x0=1.0)
-        images.append(data.from_unit_range(x0.float()).cpu()[:, 0])
-    images = torch.cat(images)
+def evaluate(denoiser, classifier, n: int, guidance: float, steps: int = 20, seed: int = 0, reference=None,
+             batch: int = 1000) -> dict:
+    """Sample n digits with labels cycling 0..9 and the requested style left null (DPM-Solver++(2M), x0_hat
+    clipped to [-1, 1]); score them."""
+    s = sample_images(denoiser, n, steps, sampler="dpm++2m", guidance=guidance, seed=seed, batch=batch)
     result = {"n": n, "guidance": guidance, "steps": steps,
-              "conditional_accuracy": float(metrics.conditional_accuracy(images, labels, classifier))}
+              "conditional_accuracy": float(metrics.conditional_accuracy(s["images"], s["labels"], classifier))}
     if reference is not None:
-        result["classifier_fid"] = float(metrics.classifier_fid(images, reference, classifier))
+        result["classifier_fid"] = float(metrics.classifier_fid(s["images"], reference, classifier))
     return result
 
 
@@ -77,14 +68,14 @@ def phase_ship(out: Path, classifier) -> None:
     result = {"command": "python -m diffusion_lab.train --out checkpoints/mnist-cond.safetensors " + " ".join(SHIP_ARGS),
               "returncode": proc.returncode, "wall_s": round(wall, 1), "stdout_tail": proc.stdout[-500:], **machine()}
     if proc.returncode == 0:
-        model, schedule, config = load_model(ckpt, device=DEVICE())
+        denoiser = load_denoiser(ckpt, device=DEVICE())
         test_images, _ = data.mnist(train=False)
+        test_images = test_images[:500] if RUN["smoke"] else test_images  # the FID reference
         train_images, _ = data.mnist(train=True)
-        n = 40 if SMOKE["on"] else 2000
+        n = 40 if RUN["smoke"] else 2000
         real = train_images[torch.randperm(len(train_images), generator=torch.Generator().manual_seed(1))[:n]]
         result["real_2000_train_digits_fid"] = float(metrics.classifier_fid(real, test_images, classifier))
-        result["evals"] = [evaluate(model, schedule, config, classifier, n, g, reference=test_images)
-                           for g in (1.0, 2.0, 3.0)]
+        result["evals"] = [evaluate(denoiser, classifier, n, g, reference=test_images) for g in (1.0, 2.0, 3.0)]
     dump(out, "ship", result)
 
 
@@ -95,13 +86,13 @@ def phase_speed(out: Path, classifier, compile_: bool, amp: str = "none", budget
     images, labels = data.mnist(train=True)
     config = TrainConfig(style=False, steps=3000, batch_size=512, lr=3e-3, warmup=100, lr_decay="constant",
                          ema_decay=0.995, amp=amp, compile=compile_, log_every=50, device=DEVICE())
-    if SMOKE["on"]:
-        config.steps, config.log_every, config.batch_size, config.channels, config.amp = 4, 2, 8, (8, 16, 16), "none"
+    if RUN["smoke"]:
+        config = dataclasses.replace(config, steps=4, log_every=2, batch_size=8, channels=(8, 16, 16), amp="none")
     paused, trace = [0.0], []
 
     def check(step, ema):
         t_pause = time.time()
-        r = evaluate(ema, build_schedule(config), config, classifier, 20 if SMOKE["on"] else 1000, 3.0)
+        r = evaluate(ema, classifier, 20 if RUN["smoke"] else 1000, 3.0)
         elapsed = t_pause - launch - paused[0]
         trace.append({"step": step, "train_clock_s": round(elapsed, 2), "acc": r["conditional_accuracy"]})
         print(trace[-1], flush=True)
@@ -119,17 +110,12 @@ def phase_speed(out: Path, classifier, compile_: bool, amp: str = "none", budget
         "steps_to_99": hit["step"] if hit else None, "trace": trace, **machine()})
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def phase_throughput(out: Path) -> None:
     rows = []
     images, labels = data.mnist(train=True)
     runs = [("none", False, 512), ("bf16", False, 512), ("bf16", True, 512)]
-    for amp, compile_, batch in runs[:1] if SMOKE["on"] else runs:
-        batch = 8 if SMOKE["on"] else batch
+    for amp, compile_, batch in runs[:1] if RUN["smoke"] else runs:
+        batch = 8 if RUN["smoke"] else batch
         config = TrainConfig(style=True, batch_size=batch, amp=amp, compile=compile_)
         model = build_model(config).to(DEVICE())
         net = torch.compile(model) if compile_ else model
@@ -141,7 +127,7 @@ def phase_throughput(out: Path) -> None:
 
         def step():
             with torch.autocast(x0.device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-                loss = diffusion_loss(lambda x, t: net(x, t, lab, style), schedule, x0)
+                loss = diffusion_loss(lambda x, t: net(x, t, lab, style), schedule, x0, config.prediction)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -149,13 +135,13 @@ def phase_throughput(out: Path) -> None:
         t0 = time.perf_counter()
         for _ in range(5):
             step()
-        sync()
+        sync(x0.device)
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
-        reps = 2 if SMOKE["on"] else 40
+        reps = 2 if RUN["smoke"] else 40
         for _ in range(reps):
             step()
-        sync()
+        sync(x0.device)
         dt = (time.perf_counter() - t0) / reps
         rows.append({"amp": amp, "compile": compile_, "batch": batch, "ms_per_step": round(dt * 1e3, 2),
                      "images_per_s": round(batch / dt), "warmup_s": round(warm, 1)})
@@ -163,17 +149,18 @@ def phase_throughput(out: Path) -> None:
     dump(out, "throughput", {"rows": rows, **machine()})
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True)
+def main(argv=None) -> None:
+    p = base_parser(__doc__)
+    p.add_argument("--out", required=True, help="the folder each phase writes its JSON into")
     p.add_argument("--phases", default="ship,speed,throughput")
-    p.add_argument("--classifier", default="mnist-classifier", help="shipped name or path of the MNIST classifier")
     p.add_argument("--smoke", action="store_true", help="a seconds-long dry run on any device, to test the script")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    _, _, device = begin(args)  # applies --threads; --device auto is cuda on a GPU machine
+    RUN["device"] = str(device)
     if args.smoke:
-        SMOKE.update(device=None if torch.cuda.is_available() else "cpu", on=True)
+        RUN["smoke"] = True
         SHIP_ARGS[SHIP_ARGS.index("--steps") + 1] = "3"
-        SHIP_ARGS.extend(["--channels", "8", "16", "16", "--device", SMOKE["device"] or "auto", "--amp", "none"])
+        SHIP_ARGS.extend(["--channels", "8", "16", "16", "--batch-size", "16", "--device", str(device), "--amp", "none"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     classifier = metrics.load_classifier(DEVICE(), args.classifier)

@@ -3,11 +3,12 @@
 
 Samplers:
 - this repo (diffusion_lab.samplers): `ddim` (eta = 0), `dpm++2m` (DPM-Solver++(2M)), `ddpm` (ancestral, respaced);
-- diffusers: `DDIMScheduler` and `DPMSolverMultistepScheduler` (dpmsolver++, order 2), configured to mean the
-  same thing as ours (see tests/test_diffusers_parity.py): `trained_betas` = our betas, the model's own
+- diffusers: `DDIMScheduler` and `DPMSolverMultistepScheduler` (dpmsolver++, order 2), stepping in diffusers' own
+  loop, configured by diffusion_lab.diffusers_compat to mean the same thing as ours (tests/test_diffusers_parity.py
+  holds it to that): `trained_betas` = our betas with our float64 alpha_bar table, the model's own
   `prediction_type` (our models default to v-prediction: "v_prediction"), `timestep_spacing="trailing"`,
-  DDIM with `set_alpha_to_one=True` and `use_clipped_model_output=True`, DPM-Solver with
-  `final_sigmas_type="zero"` and `lower_order_final=True`.
+  DDIM with `set_alpha_to_one=True` and, when clipping, `use_clipped_model_output=True`, DPM-Solver with
+  `final_sigmas_type="zero"` and `lower_order_final=True`. All five run through the same `sample.generate`.
 x0_hat clipping: ours and diffusers' DDIM clip x0_hat to [-`--clip-x0`, `--clip-x0`] (0: no clipping);
 diffusers' DPM-Solver offers only dynamic thresholding, so it always runs unclipped. `--clip-x0 0` makes every
 pair exactly comparable.
@@ -26,67 +27,41 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Judge, command_line, eval_labels, fmt, machine_line, markdown_table, real_floor, sample_images, smoke_line, sync,
-                     base_parser, begin, write_results)
+from _common import (Judge, base_parser, begin, command_line, fmt, machine_line, markdown_table,  # noqa: E402
+                     real_floor, sample_images, smoke_line, write_results)
 
 from diffusion_lab import data, metrics  # noqa: E402
-from diffusion_lab.checkpoint import resolve_checkpoint, sha256_of  # noqa: E402
-from diffusion_lab.conditioning import guided  # noqa: E402
-from diffusion_lab.training import load_model  # noqa: E402
+from diffusion_lab.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
+from diffusion_lab.utils import file_sha256  # noqa: E402
+from diffusion_lab.denoiser import load_denoiser  # noqa: E402
+from diffusion_lab.diffusers_compat import diffusers_sampler  # noqa: E402
 
+# our samplers by name, and diffusers' loops as functions with the same signature (diffusion_lab.diffusers_compat)
 OURS = {"ddim": "ddim", "dpm++2m": "dpm++2m", "ddpm": "ddpm"}
-DIFFUSERS = ("diffusers-ddim", "diffusers-dpm++2m")
-PREDICTION_TYPE = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
+DIFFUSERS = {"diffusers-ddim": diffusers_sampler("ddim"), "diffusers-dpm++2m": diffusers_sampler("dpm++2m")}
+UNCLIPPED = {"diffusers-dpm++2m"}  # diffusers' DPM-Solver offers only dynamic thresholding, no x0_hat clipping
 HEADLINE = {"n_eval": 1000}
 TITLE = "Sampling: classifier-FID and time per image against NFE"
 HEADLINE_COMMAND = "python benchmarks/sampling.py --checkpoint mnist-cond --nfe 5 10 20 50 --n-eval 1000"
 
 
-def diffusers_scheduler(name: str, schedule, prediction: str, clip_x0: float | None):
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
-
-    common = dict(num_train_timesteps=schedule.T, trained_betas=schedule.betas.numpy(),
-                  prediction_type=PREDICTION_TYPE[prediction], timestep_spacing="trailing")
-    if name == "diffusers-ddim":
-        return DDIMScheduler(**common, set_alpha_to_one=True, steps_offset=0, clip_sample=clip_x0 is not None,
-                             clip_sample_range=clip_x0 or 1.0)
-    if name == "diffusers-dpm++2m":
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                           solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero",
-                                           thresholding=False)
-    raise ValueError(f"unknown diffusers sampler {name!r}; choose one of {', '.join(DIFFUSERS)}")
+def draw(name: str, denoiser, n: int, nfe: int, guidance: float = 1.0, clip_x0: float | None = 1.0, seed: int = 0,
+         batch: int = 500) -> dict:
+    """n digits from sampler `name` (ours, or diffusers' loop) through the same sample.generate: same codes,
+    guidance, batching and starting noise for every sampler. Returns _common.sample_images' dict."""
+    sampler = OURS.get(name) or DIFFUSERS[name]
+    return sample_images(denoiser, n, nfe, sampler=sampler, guidance=guidance, seed=seed, batch=batch,
+                         clip_x0=None if name in UNCLIPPED else clip_x0)
 
 
-def step_options(name: str) -> dict:
-    # Ours re-derives eps_hat from the clipped x0_hat (as Ho et al.'s code does). diffusers' DDIM does so only when
-    # asked; by default it pairs the clipped x0_hat with the unclipped eps_hat, which is a different sampler.
-    return {"use_clipped_model_output": True} if name == "diffusers-ddim" else {}
-
-
-@torch.no_grad()
-def sample_diffusers(name, denoiser_for, schedule, n, steps, prediction, device, seed=0, batch=500, clip_x0=1.0):
-    """Like _common.sample_images, with a diffusers scheduler doing the stepping (a fresh one per batch: diffusers
-    schedulers keep their step index and solver history inside)."""
-    labels = eval_labels(n)
-    generator = torch.Generator().manual_seed(seed)
-    images, start = [], time.perf_counter()
-    for i in range(0, n, batch):
-        lab = labels[i:i + batch].to(device)
-        x = torch.randn(len(lab), 1, 28, 28, generator=generator).to(device)
-        scheduler = diffusers_scheduler(name, schedule, prediction, clip_x0)
-        scheduler.set_timesteps(steps, device=device)
-        x = x * scheduler.init_noise_sigma
-        model = denoiser_for(lab)
-        for t in scheduler.timesteps:
-            out = model(x, t.expand(len(x)))
-            x = scheduler.step(out, t, x, **step_options(name)).prev_sample
-        images.append(data.from_unit_range(x.float()).cpu()[:, 0])
-    sync(device)
-    seconds = time.perf_counter() - start
-    return {"images": torch.cat(images), "labels": labels, "seconds": seconds, "seconds_per_image": seconds / n}
+def model_summary(denoiser, meta: dict) -> str:
+    """The model in one line, from its contract and, when the file records it, how it was trained."""
+    train = meta.get("record", meta).get("train", {})  # a training run keeps it under "record"
+    trained = (f", trained {train['steps']} steps at batch {train['batch_size']}" if "steps" in train else "")
+    channels = tuple(getattr(denoiser.net, "config", {}).get("channels", ()))
+    return (f"channels {channels}, {denoiser.prediction}-prediction, {denoiser.schedule.name} schedule, "
+            f"T = {denoiser.schedule.T}{trained}")
 
 
 def pivot(rows, key, samplers, nfes, scale=1.0):
@@ -138,34 +113,25 @@ def main(argv=None) -> dict:
     if done is not None:
         return done
     t_start = time.perf_counter()
-    model, schedule, config = load_model(args.checkpoint, device=device)
+    denoiser = load_denoiser(args.checkpoint, device=device)
     clip = args.clip_x0 or None
     test_images, _ = data.mnist(train=False)
     judge = Judge(metrics.load_classifier(device, args.classifier),
                   test_images[:args.n_reference] if args.n_reference else test_images)
 
-    def denoiser_for(lab):
-        return guided(model, lab, None, scale=args.guidance, num_classes=10)
-
     rows = []
     for name in args.samplers:
         for nfe in args.nfe:
-            if name in OURS:
-                s = sample_images(denoiser_for, schedule, args.n_eval, nfe, config.objective, device,
-                                  sampler=OURS[name], seed=args.seed, batch=args.batch, clip_x0=clip)
-            else:
-                s = sample_diffusers(name, denoiser_for, schedule, args.n_eval, nfe, config.objective, device,
-                                     seed=args.seed, batch=args.batch, clip_x0=clip)
+            s = draw(name, denoiser, args.n_eval, nfe, args.guidance, clip, args.seed, args.batch)
             rows.append({"sampler": name, "library": "diffusers" if name in DIFFUSERS else "diffusion_lab", "nfe": nfe,
                          "seconds_per_image": s["seconds_per_image"], **judge.score(s["images"], s["labels"])})
             print(rows[-1], flush=True)
 
     path = resolve_checkpoint(args.checkpoint)[0]
     result = {"benchmark": "sampling", "command": command_line("sampling.py", argv), "machine": machine,
-              "checkpoint": args.checkpoint, "checkpoint_sha256": sha256_of(path),
-              "model_summary": (f"channels {tuple(config.channels)}, {config.objective}-prediction, {config.schedule} "
-                                f"schedule, T = {config.T}, trained {config.steps} steps at batch {config.batch_size}"),
-              "T": config.T, "prediction": config.objective, "guidance": args.guidance, "clip_x0": clip,
+              "checkpoint": args.checkpoint, "checkpoint_sha256": file_sha256(path),
+              "model_summary": model_summary(denoiser, load_checkpoint(args.checkpoint)[1]),
+              "T": denoiser.schedule.T, "prediction": denoiser.prediction, "guidance": args.guidance, "clip_x0": clip,
               "n_eval": args.n_eval, "n_reference": judge.n_reference, "batch": args.batch, "seed": args.seed,
               "nfe": args.nfe, "samplers": args.samplers, "floor_fid": real_floor(judge, args.n_eval),
               "smoke": args.n_eval < HEADLINE["n_eval"] or bool(args.n_reference) or args.checkpoint != "mnist-cond",

@@ -96,7 +96,7 @@ def ours_stepper(config: TrainConfig, batch: int, device, levers):
     def step():
         batch_labels, _ = drop_codes(lab, None, 10, config.p_uncond, 0.0, generator)
         with autocast(device, levers):
-            loss = diffusion_loss(lambda x_t, t: net(x_t, t, batch_labels), schedule, x0, config.objective,
+            loss = diffusion_loss(lambda x_t, t: net(x_t, t, batch_labels), schedule, x0, config.prediction,
                                   config.weighting, config.min_snr_gamma, generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -403,7 +403,7 @@ def main(argv=None) -> dict:
               "batch": args.batch, "warmup": args.warmup, "reps": args.reps,
               "smoke": args.batch < HEADLINE["batch"] or args.reps < HEADLINE["reps"],
               "our_config": {"channels": list(config.channels), "blocks_per_level": config.blocks_per_level,
-                             "attention": config.attention, "objective": config.objective},
+                             "attention": config.attention, "objective": config.prediction},
               "parameters": {"ours": count_parameters(ours_model), "anchor": count_parameters(anchor_model)},
               "peaks": {"matmul": matmul, "conv_spec": spec, "conv": conv, "conv_peak_gflops": conv_peaks,
                         "matmul_peak_gflops": matmul_peaks},

@@ -1,6 +1,6 @@
 """This repo's MNIST recipe against the anchor (benchmarks/anchor.py) for the same wall-clock budget.
 
-Protocol (issue 5):
+Protocol:
 1. MNIST is loaded once, outside both clocks; both recipes draw batches from the same in-memory uint8 tensor.
 2. The anchor trains first for `--minutes` of wall clock, then this repo's recipe (diffusion_lab.training.train)
    for the same budget, on the same machine. The load average is recorded before each, so contention shows.
@@ -10,7 +10,7 @@ Protocol (issue 5):
 3. Both are sampled the same way: diffusion_lab.samplers (`--sampler`: default deterministic DDIM, the headline
    ancestral DDPM, see benchmarks/README.md; `--sample-steps` network evaluations, trailing timesteps, x0_hat
    clipped to [-1, 1]) from the same starting noise x_T (and, for DDPM, the same noise at every step), the
-   anchor with its own float32 betas and eps-prediction, ours with its objective. The anchor gets no guidance
+   anchor with its own float32 betas and eps-prediction, ours with its own prediction. The anchor gets no guidance
    (it was trained without label dropout), so ours is compared at guidance 1.0 (plain conditional), and its
    guided numbers follow as extra rows.
 4. Scores: classifier-FID of `--n-eval` samples (digits 0..9 cycling) against all 10,000 real test digits, and
@@ -36,13 +36,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import (Judge, command_line, fmt, load_average, machine_line, markdown_table, real_floor, sample_images, smoke_line, train_for_budget,
-                     base_parser, begin, model_options, write_results)
-from anchor import RECIPE, anchor_schedule, save_anchor, train_anchor  # noqa: E402
+from _common import (Judge, base_parser, begin, command_line, fmt, load_average, machine_line,  # noqa: E402
+                     markdown_table, model_options, real_floor, sample_images, smoke_line, train_for_budget,
+                     write_results)
+from anchor import RECIPE, anchor_denoiser, anchor_schedule, save_anchor, train_anchor  # noqa: E402
 
 from diffusion_lab import data, metrics  # noqa: E402
-from diffusion_lab.checkpoint import save_checkpoint  # noqa: E402
-from diffusion_lab.conditioning import guided  # noqa: E402
+from diffusion_lab.denoiser import save_denoiser  # noqa: E402
 from diffusion_lab.samplers import SAMPLERS  # noqa: E402
 from diffusion_lab.schedules import eps_from_v, eps_from_x0, q_sample  # noqa: E402
 from diffusion_lab.training import TrainConfig  # noqa: E402
@@ -75,17 +75,17 @@ class HeldOutProbe:
         self.batch = batch
 
     @torch.no_grad()
-    def __call__(self, model, prediction: str) -> float:
-        """`model(x_t, t, labels)`, an nn.Module, predicts `prediction`; it becomes eps_hat before the MSE."""
-        was_training = model.training
-        model.eval()
+    def __call__(self, denoiser) -> float:
+        """A Denoiser's output, whatever it predicts, becomes eps_hat before the MSE (its network in eval mode)."""
+        was_training = denoiser.net.training
+        denoiser.net.eval()
         total = 0.0
         for i in range(0, len(self.x0), self.batch):
             s = slice(i, i + self.batch)
             x_t, alpha_bar_t = self.x_t[s], self.alpha_bar_t[s]
-            eps_hat = as_eps(model(x_t, self.t[s], self.labels[s]).float(), x_t, alpha_bar_t, prediction)
-            total += (eps_hat - self.eps[s]).pow(2).sum().item()
-        model.train(was_training)
+            out = denoiser(x_t, self.t[s], labels=self.labels[s]).float()
+            total += (as_eps(out, x_t, alpha_bar_t, denoiser.prediction) - self.eps[s]).pow(2).sum().item()
+        denoiser.net.train(was_training)
         return total / self.eps.numel()
 
 
@@ -112,16 +112,18 @@ def probe_points(log_every: int = 10):
 
 def run_anchor(args, images, labels, probe: HeldOutProbe, device) -> dict:
     curve, due = [], probe_points()
+    schedule = anchor_schedule()
 
     def callback(step, images_seen, model):
         if due(step):
-            curve.append({"step": step, "images_seen": images_seen, "heldout_eps_mse": probe(model, "eps")})
+            curve.append({"step": step, "images_seen": images_seen,
+                          "heldout_eps_mse": probe(anchor_denoiser(model, schedule))})
         return False
 
     load = load_average()
     result = train_anchor(minutes=args.minutes, steps=args.max_steps, batch_size=args.batch_size, seed=args.seed,
                           device=device, images=images, labels=labels, callback=callback, log_every=1)
-    final = probe(result["model"], "eps")
+    final = probe(anchor_denoiser(result["model"], schedule))
     curve.append({"step": result["step"], "images_seen": result["images_seen"], "heldout_eps_mse": final})
     result.update(curve=curve, load_average_start=load, heldout_eps_mse=final, recipe=RECIPE,
                   parameters=count_parameters(result["model"]))
@@ -130,15 +132,14 @@ def run_anchor(args, images, labels, probe: HeldOutProbe, device) -> dict:
 
 def save_models(folder: Path, seed: int, anchor: dict, ours: dict) -> dict:
     """Both trained models, so that other samplers can score the same weights later: anchor.load_anchor and
-    diffusion_lab.training.load_model read them (and `sampling.py --checkpoint` takes ours)."""
+    diffusion_lab.denoiser.load_denoiser read them (and `sampling.py --checkpoint` takes ours)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = {"anchor": folder / f"anchor-seed{seed}.safetensors", "ours": folder / f"ours-seed{seed}.safetensors"}
     saved = {"anchor": {"path": str(paths["anchor"]),
                         "sha256": save_anchor(paths["anchor"], anchor["model"], anchor["step"])}}
-    tensors = {f"{prefix}.{k}": v for prefix, net in (("model", ours["model"]), ("ema", ours["ema"]))
-               for k, v in net.state_dict().items()}
-    meta = {"train": asdict(ours["config"]), "step": ours["step"], "format": "diffusion_lab/1"}
-    saved["ours"] = {"path": str(paths["ours"]), "sha256": save_checkpoint(paths["ours"], tensors, meta)}
+    # the EMA weights we sample with and their contract, as a shipped file holds them
+    sha256 = save_denoiser(paths["ours"], ours["denoiser"], train=asdict(ours["config"]), step=ours["step"])
+    saved["ours"] = {"path": str(paths["ours"]), "sha256": sha256}
     return saved
 
 
@@ -160,18 +161,18 @@ def run_ours(args, images, labels, probe: HeldOutProbe, anchor_images_seen: int)
     def callback(step, ema):
         seen = step * config.batch_size
         if due(step):
-            curve.append({"step": step, "images_seen": seen, "heldout_eps_mse": probe(ema, config.objective)})
+            curve.append({"step": step, "images_seen": seen, "heldout_eps_mse": probe(ema)})
         if not at_anchor and seen >= anchor_images_seen:
-            at_anchor.update(step=step, images_seen=seen, heldout_eps_mse=probe(ema, config.objective))
+            at_anchor.update(step=step, images_seen=seen, heldout_eps_mse=probe(ema))
         return False
 
     load = load_average()
     result = train_for_budget(config, args.minutes, images, labels, args.calibrate_steps, args.max_steps, callback)
-    ema = result["ema"]
-    final = probe(ema, config.objective)
+    ema = result["denoiser"]
+    final = probe(ema)
     curve.append({"step": result["step"], "images_seen": result["images_seen"], "heldout_eps_mse": final})
     result.update(curve=curve, load_average_start=load, heldout_eps_mse=final, at_anchor_images_seen=at_anchor or None,
-                  parameters=count_parameters(ema))
+                  parameters=count_parameters(ema.net))
     return result
 
 
@@ -294,21 +295,17 @@ def main(argv=None) -> dict:
     config = ours["config"]
     saved = save_models(Path(args.save), args.seed, anchor, ours) if args.save else None  # before sampling
 
-    def score(name, guidance, denoiser_for, schedule, prediction):
-        s = sample_images(denoiser_for, schedule, args.n_eval, args.sample_steps, prediction, device,
-                          sampler=args.sampler, seed=args.seed)
-        row = {"recipe": name, "guidance": guidance, **judge.score(s["images"], s["labels"]),
-               "seconds_per_image": s["seconds_per_image"]}
+    def score(name, denoiser, guidance=1.0, shown=None):
+        s = sample_images(denoiser, args.n_eval, args.sample_steps, sampler=args.sampler, guidance=guidance,
+                          seed=args.seed)
+        row = {"recipe": name, "guidance": guidance if shown is None else shown,
+               **judge.score(s["images"], s["labels"]), "seconds_per_image": s["seconds_per_image"]}
         print(row, flush=True)
         return row
 
-    anchor_model, ema = anchor["model"], ours["ema"]
-    rows = [score("anchor", "none", lambda lab: (lambda x_t, t: anchor_model(x_t, t, lab)),
-                  anchor["schedule"], "eps")]
+    rows = [score("anchor", anchor_denoiser(anchor["model"], anchor["schedule"]), shown="none")]  # unguidable
     for g in [1.0, *args.guidance_extra]:
-        rows.append(score("this repo" if g == 1.0 else "this repo, guided", g,
-                          lambda lab, g=g: guided(ema, lab, None, scale=g, num_classes=10),
-                          ours["schedule"], config.objective))
+        rows.append(score("this repo" if g == 1.0 else "this repo, guided", ours["denoiser"], g))
     floor = real_floor(judge, args.n_eval)
     rows.append({"recipe": f"real training digits (floor at n={args.n_eval})", "guidance": "–",
                  "classifier_fid": floor, "conditional_accuracy": None})
@@ -332,7 +329,7 @@ def main(argv=None) -> dict:
         "sampling": {"sampler": args.sampler, "how": SAMPLER_NOTES[args.sampler], "steps": args.sample_steps,
                      "clip_x0": 1.0, "seed": args.seed, "driver": "diffusion_lab.samplers for both models"},
         "ours_config_summary": (f"channels {tuple(config.channels)}, {config.blocks_per_level} block/level, attention "
-                                f"{'on' if config.attention else 'off'}, {config.objective}-prediction, "
+                                f"{'on' if config.attention else 'off'}, {config.prediction}-prediction, "
                                 f"{config.schedule} schedule, AdamW lr {config.lr:g} warm-up {config.warmup} "
                                 f"then {config.lr_decay}, EMA {config.ema_decay}, label dropout {config.p_uncond}, "
                                 f"amp {config.amp}"),

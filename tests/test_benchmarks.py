@@ -20,12 +20,13 @@ BENCH = REPO / "benchmarks"
 RESULTS = BENCH / "results"
 sys.path.insert(0, str(BENCH))
 
-import diffusers  # noqa: E402,F401  (the anchor is built on diffusers, a test requirement: missing fails, not skips)
-import _common  # noqa: E402
+import diffusers  # noqa: E402, F401  (the anchor is built on it: a test dependency, so fail loudly if missing)
 import ablation  # noqa: E402
 import anchor_samplers  # noqa: E402
 import plot_curves  # noqa: E402
 import anchor  # noqa: E402
+import gan_vs_diffusion  # noqa: E402
+import gpu_run  # noqa: E402
 import render_gpu  # noqa: E402
 import sampling  # noqa: E402
 import throughput  # noqa: E402
@@ -33,7 +34,8 @@ import train_vs_anchor  # noqa: E402
 
 from diffusion_lab.schedules import NoiseSchedule  # noqa: E402
 from diffusion_lab.checkpoint import CheckpointError  # noqa: E402
-from diffusion_lab.training import TrainConfig, load_model, train  # noqa: E402
+from diffusion_lab.denoiser import Denoiser, load_denoiser  # noqa: E402
+from diffusion_lab.training import TrainConfig, train  # noqa: E402
 from diffusion_lab.unet import UNet  # noqa: E402
 
 SMOKE = "smoke check, not a result"
@@ -110,11 +112,12 @@ def test_train_vs_anchor_micro(tmp_path):
                           "--out", str(out)])
     result = json.loads(out.read_text())
     # the saved models load back, each through its own loader, and the anchor's loader refuses ours
-    ours_model, _, ours_config = load_model(result["saved"]["ours"]["path"])
-    assert ours_config.attention is False and ours_config.channels == (8, 16, 16)
+    ours = load_denoiser(result["saved"]["ours"]["path"])
+    assert ours.net.config["attention"] is False and tuple(ours.net.config["channels"]) == (8, 16, 16)
+    assert ours.prediction == "v" and ours.num_classes == 10
     anchor_model, anchor_sched = anchor.load_anchor(result["saved"]["anchor"]["path"])
     x, t, lab = torch.zeros(2, 1, 28, 28), torch.tensor([5, 500]), torch.tensor([1, 2])
-    assert anchor_model(x, t, lab).shape == ours_model(x, t, lab).shape == (2, 1, 28, 28)
+    assert anchor_model(x, t, lab).shape == ours(x, t, labels=lab).shape == (2, 1, 28, 28)
     assert anchor_sched.T == 1000
     with pytest.raises(CheckpointError, match="not an anchor checkpoint"):
         anchor.load_anchor(result["saved"]["ours"]["path"])
@@ -130,7 +133,7 @@ def test_train_vs_anchor_micro(tmp_path):
         run = result[side]
         assert run["step"] >= 1 and run["images_seen"] == run["step"] * 4 and run["images_per_s"] > 0
         assert run["curve"][-1]["images_seen"] == run["images_seen"] and run["heldout_eps_mse"] > 0
-    assert result["ours"]["config"]["objective"] == "v" and result["anchor"]["recipe"]["lr"] == 1e-3
+    assert result["ours"]["config"]["prediction"] == "v" and result["anchor"]["recipe"]["lr"] == 1e-3
     assert result["ours"]["at_anchor_images_seen"]["images_seen"] == result["anchor"]["images_seen"]
     assert len(result["targets"]) == 4 and all(isinstance(t["met"], bool) for t in result["targets"])
     text = check_markdown(out.with_suffix(".md"), result, train_vs_anchor)
@@ -221,16 +224,22 @@ def test_diffusers_drivers_draw_the_same_digits_as_ours(name, clip, scale):
     with torch.no_grad():
         for p in net.parameters():
             p.normal_(0, scale)
-    net.eval()
-    schedule = NoiseSchedule.from_name("cosine", 1000)
-    denoiser_for = lambda lab: (lambda x_t, t: net(x_t, t, lab))  # noqa: E731
-    ours = _common.sample_images(denoiser_for, schedule, 6, 10, "v", torch.device("cpu"), sampler=name, clip_x0=clip)
-    theirs = sampling.sample_diffusers(f"diffusers-{name}", denoiser_for, schedule, 6, 10, "v", torch.device("cpu"),
-                                       clip_x0=clip)
+    denoiser = Denoiser(net.eval(), "v", NoiseSchedule.from_name("cosine", 1000), (1, 28, 28), num_classes=10)
+    ours = sampling.draw(name, denoiser, 6, 10, clip_x0=clip, batch=4)
+    theirs = sampling.draw(f"diffusers-{name}", denoiser, 6, 10, clip_x0=clip, batch=4)
     if clip:
         assert ((ours["images"] == 0) | (ours["images"] == 255)).float().mean() > 0.1  # the clip binds
     diff = (ours["images"].int() - theirs["images"].int()).abs()
     assert diff.max() <= 1, "a convention mismatch moves pixels by far more than one grey level"
+
+
+def test_sampling_clips_diffusers_dpm_solver_never(monkeypatch):
+    # diffusers' DPM-Solver has no x0_hat clipping: the benchmark runs it unclipped rather than fail or pretend
+    seen = []
+    monkeypatch.setattr(sampling, "sample_images", lambda *a, **k: seen.append(k["clip_x0"]))
+    for name in ("ddim", "diffusers-ddim", "diffusers-dpm++2m"):
+        sampling.draw(name, None, 2, 2, clip_x0=1.0)
+    assert seen == [1.0, 1.0, None]
 
 
 def test_anchor_samplers_micro(tmp_path):
@@ -323,6 +332,58 @@ def test_placeholder_never_hides_results(tmp_path):
     out.write_text("{}")
     with pytest.raises(SystemExit, match="already holds results"):
         sampling.main(["--placeholder", "--out", str(out)])
+
+
+def test_gan_vs_diffusion_micro_and_merge(tmp_path):
+    parts = []
+    for seed in (0, 1):
+        out = tmp_path / f"gvd{seed}.json"
+        gan_vs_diffusion.main(["--preset", "smoke", "--seeds", str(seed), "--budget-s", "0.3", "--device", "cpu",
+                               "--out", str(out)])
+        parts.append(out)
+        result = json.loads(out.read_text())
+        assert set(result["machine"]) == {"device", "name", "cpu_count", "torch_threads", "torch", "python",
+                                          "load_average_before", "load_average_after"}  # chapter 01 prints these
+        assert result["machine"]["name"] and result["machine"]["device"] == "cpu"
+        for name in ("gan", "diffusion"):
+            run = result["runs"][name][0]
+            assert run["seed"] == seed and run["curve"] and all(p["fid"] > 0 for p in run["curve"])
+            assert sum(run["class_histogram"]) == result["config"]["n_hist"]
+        assert result["runs"]["diffusion"][0]["objective"] == "eps"
+        cost = result["sampling_cost"]
+        assert cost["diffusion_forward_passes"] == result["config"]["ddim_steps"] and cost["diffusion_s"] > 0
+    merged = tmp_path / "gvd.json"
+    gan_vs_diffusion.main(["--merge", *map(str, parts), "--out", str(merged)])
+    assert [r["seed"] for r in json.loads(merged.read_text())["runs"]["diffusion"]] == [0, 1]
+
+
+def test_gan_vs_diffusion_samples_through_generate_with_the_models_contract():
+    config = gan_vs_diffusion.diffusion_config(0, 8, [8, 16, 16], "cpu")
+    assert config.prediction == "eps" and not config.conditional
+    from diffusion_lab.training import build_denoiser
+    denoiser = build_denoiser(config)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in denoiser.net.parameters():
+            p.normal_(0, 0.1)
+    a = gan_vs_diffusion.sample_diffusion(denoiser, 5, 3, seed=1, batch_size=2)
+    b = gan_vs_diffusion.sample_diffusion(denoiser, 5, 3, seed=1, batch_size=5)
+    assert a.shape == (5, 1, 28, 28) and a.abs().max() <= 1 and torch.equal(a, b)  # batching does not matter
+    assert not torch.equal(a, gan_vs_diffusion.sample_diffusion(denoiser, 5, 3, seed=2))
+
+
+def test_gpu_run_smoke_on_cpu(tmp_path):
+    """Every phase of the GPU session at seconds-long sizes: a phase that raises writes <phase>_error.json."""
+    gpu_run.main(["--smoke", "--device", "cpu", "--phases", "ship,speed,throughput", "--out", str(tmp_path)])
+    errors = sorted(p.name for p in tmp_path.glob("*_error.json"))
+    assert not errors, [json.loads((tmp_path / e).read_text()) for e in errors]
+    ship = json.loads((tmp_path / "ship.json").read_text())
+    assert ship["returncode"] == 0 and [e["guidance"] for e in ship["evals"]] == [1.0, 2.0, 3.0]
+    assert all(0 <= e["conditional_accuracy"] <= 1 and e["classifier_fid"] > 0 for e in ship["evals"])
+    speed = json.loads((tmp_path / "speed_none_compile0.json").read_text())
+    assert speed["config"]["steps"] == 4 and speed["trace"] and set(gpu_run.machine()) <= set(speed)
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert rows and rows[0]["images_per_s"] > 0
 
 
 # --- the committed results and the appendix page -----------------------------------------------------------

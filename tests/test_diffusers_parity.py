@@ -5,13 +5,9 @@ eps_hat of the posterior mean of x0 over the data points. It is a smooth, non-li
 (x_t, t) that is cheap and deterministic, so any disagreement in step sizes, coefficients or
 timesteps shows up in the trajectories. A second test uses a small UNet with random weights.
 
-How diffusers is configured to mean the same thing as diffusion_lab:
-- `trained_betas` = our betas (so alpha_bar agrees up to diffusers' float32 storage);
-- `timestep_spacing="trailing"`: the first step sits at t = T-1 (Lin et al. 2024), like `sampling_timesteps`;
-- DDIM: `set_alpha_to_one=True` (the last step goes to clean data, alpha_bar = 1), `clip_sample=False`;
-- DPM-Solver++: `algorithm_type="dpmsolver++"`, `solver_order=2`, `solver_type="midpoint"`,
-  `final_sigmas_type="zero"`, `lower_order_final=True`, no thresholding;
-- `prediction_type="epsilon"` throughout.
+diffusers runs through the package's one adapter, `diffusion_lab.diffusers_compat`, which configures its
+schedulers to mean the same thing as ours (its docstring lists the settings) and runs diffusers' own loop;
+`sample.generate` can drive it like any of our samplers. The tests here hold that adapter to the trajectories.
 
 Known difference, not a bug on either side: diffusers' DDIM steps from t to t - T // steps rather than
 to the next entry of its own timestep list, so the two agree only when `steps` divides T. Our DDPM and
@@ -19,16 +15,24 @@ DPM-Solver++ step to the next listed timestep, as diffusers' DDPM and DPM-Solver
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler  # a test requirement: never skipped
+import diffusers  # noqa: F401  (a test dependency: fail loudly if it is missing)
 
-from diffusion_lab.samplers import sample_ddim, sample_ddpm, sample_dpm_solver_pp, sampling_timesteps  # noqa: E402
-from diffusion_lab.schedules import NoiseSchedule, q_posterior, x0_from_eps  # noqa: E402
-from diffusion_lab.unet import UNet  # noqa: E402
+from diffusion_lab.denoiser import Denoiser
+from diffusion_lab.diffusers_compat import SCHEDULERS, diffusers_sampler, make_scheduler, run_scheduler
+from diffusion_lab.sample import generate
+from diffusion_lab.samplers import SAMPLERS, sample_ddim, sample_ddpm, sample_dpm_solver_pp, sampling_timesteps
+from diffusion_lab.schedules import NoiseSchedule, q_posterior, x0_from_eps
+from diffusion_lab.unet import UNet
 
-
+REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
 
@@ -74,10 +78,6 @@ def random_unet(seed: int = 0) -> UNet:
     return net.eval()
 
 
-def unet_denoiser(net: UNet):
-    return lambda x_t, t: net(x_t.float(), t).to(x_t.dtype)
-
-
 def make_problem(name: str, shape=(3, 1, 4, 4), dtype=torch.float64, prediction="eps"):
     schedule = NoiseSchedule.from_name(name, T=1000)
     g = torch.Generator().manual_seed(1)
@@ -86,23 +86,19 @@ def make_problem(name: str, shape=(3, 1, 4, 4), dtype=torch.float64, prediction=
     return schedule, ExactDenoiser(schedule, data, prediction), x_T
 
 
-# our name for what the network predicts -> diffusers' prediction_type
-PREDICTION_TYPE = {"eps": "epsilon", "x0": "sample", "v": "v_prediction"}
-
-
 def recorder():
     trajectory = []
-    return trajectory, lambda i, x_t, x0_hat: trajectory.append((x_t.clone(), x0_hat.clone()))
+    return trajectory, lambda i, x_t, x0_hat: trajectory.append(
+        (x_t.clone(), None if x0_hat is None else x0_hat.clone()))
 
 
-def diffusers_loop(scheduler, model, x_T, steps, step_kwargs=lambda i: {}):
-    scheduler.set_timesteps(steps)
-    x, xs = x_T.clone(), []
-    for i, t in enumerate(scheduler.timesteps):
-        out = scheduler.step(model(x, t.expand(len(x))), t, x, **step_kwargs(i))
-        x = out.prev_sample
-        xs.append((x.clone(), getattr(out, "pred_original_sample", None)))
-    return scheduler.timesteps, xs
+def diffusers_run(sampler, schedule, model, x_T, steps, step_kwargs=None, prediction="eps", clip_x0=None,
+                  **overrides):
+    """diffusers' loop through the package's adapter, recording (x_t, x0_hat or None) after every step."""
+    theirs, callback = recorder()
+    scheduler = make_scheduler(sampler, schedule, prediction, clip_x0, **overrides)
+    run_scheduler(scheduler, model, x_T, steps, callback=callback, step_kwargs=step_kwargs)
+    return theirs
 
 
 def assert_same_trajectory(ours, theirs, check_x0=True):
@@ -115,44 +111,6 @@ def assert_same_trajectory(ours, theirs, check_x0=True):
             assert err0 < ATOL, f"step {i}: x0_hat differs from diffusers by {err0:.2e}"
 
 
-def common(schedule):
-    return dict(num_train_timesteps=schedule.T, trained_betas=schedule.betas.numpy(), timestep_spacing="trailing",
-                prediction_type="epsilon")
-
-
-def exact_table(scheduler, schedule):
-    """Give a diffusers scheduler our float64 alpha_bar table in place of its float32 one.
-
-    Diffusers stores betas in float32 and forms alpha = 1 - beta there. For the cosine schedule the last
-    beta is 0.999, so 1 - beta = 0.001 carries a relative error of about 6e-5, which reaches alpha_bar at
-    t = T-1 and, through x0_hat = (x_t - sqrt(1 - alpha_bar) eps_hat) / sqrt(alpha_bar), moves the first
-    step by about 5e-4. That is storage round-off, not a different algorithm, so we hand both sides the
-    same table (`test_float32_table_is_the_only_difference` measures the effect)."""
-    alpha_bars = schedule.alpha_bars.clone()
-    scheduler.alphas_cumprod = alpha_bars
-    if hasattr(scheduler, "lambda_t"):  # DPM-Solver caches these at construction
-        scheduler.alpha_t = alpha_bars.sqrt()
-        scheduler.sigma_t = (1 - alpha_bars).sqrt()
-        scheduler.lambda_t = scheduler.alpha_t.log() - scheduler.sigma_t.log()
-    return scheduler
-
-
-def ddim_scheduler(schedule, **overrides):
-    kw = dict(common(schedule), set_alpha_to_one=True, clip_sample=False, thresholding=False)
-    return exact_table(DDIMScheduler(**{**kw, **overrides}), schedule)
-
-
-def dpm_scheduler(schedule, **overrides):
-    kw = dict(common(schedule), algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-              lower_order_final=True, final_sigmas_type="zero", thresholding=False, use_karras_sigmas=False)
-    return exact_table(DPMSolverMultistepScheduler(**{**kw, **overrides}), schedule)
-
-
-def ddpm_scheduler(schedule, **overrides):
-    kw = dict(common(schedule), clip_sample=False, thresholding=False, variance_type="fixed_small")
-    return exact_table(DDPMScheduler(**{**kw, **overrides}), schedule)
-
-
 def max_gap(a, b) -> float:
     return max((x - y.to(x.dtype)).abs().max().item() for (x, _), (y, _) in zip(a, b))
 
@@ -160,10 +118,10 @@ def max_gap(a, b) -> float:
 @pytest.mark.parametrize("steps", [1, 7, 10, 20, 25, 50, 1000])
 def test_timesteps_match_diffusers_trailing(steps):
     schedule = NoiseSchedule.from_name("linear", T=1000)
-    for make in (ddim_scheduler, dpm_scheduler, ddpm_scheduler):
-        scheduler = make(schedule)
+    for sampler in SCHEDULERS:
+        scheduler = make_scheduler(sampler, schedule)
         scheduler.set_timesteps(steps)
-        assert scheduler.timesteps.tolist() == sampling_timesteps(1000, steps).tolist(), make.__name__
+        assert scheduler.timesteps.tolist() == sampling_timesteps(1000, steps).tolist(), sampler
 
 
 @pytest.mark.parametrize("name", ["cosine", "linear"])
@@ -172,12 +130,11 @@ def test_ddim_eta0_matches_diffusers(name, steps):
     schedule, model, x_T = make_problem(name)
     ours, callback = recorder()
     x = sample_ddim(model, schedule, x_T, steps=steps, eta=0.0, callback=callback)
-    _, theirs = diffusers_loop(ddim_scheduler(schedule), model, x_T, steps, lambda i: {"eta": 0.0})
+    theirs = diffusers_run("ddim", schedule, model, x_T, steps)
     assert_same_trajectory(ours, theirs)
     assert torch.isfinite(x).all()
     # The comparison can fail: another timestep spacing (diffusers' "leading") gives another trajectory.
-    _, other = diffusers_loop(ddim_scheduler(schedule, timestep_spacing="leading"), model, x_T, steps,
-                              lambda i: {"eta": 0.0})
+    other = diffusers_run("ddim", schedule, model, x_T, steps, timestep_spacing="leading")
     assert max_gap(ours, other) > 10 * ATOL
 
 
@@ -192,8 +149,9 @@ def test_ddim_eta1_matches_diffusers_with_the_same_noise(name):
     g = torch.Generator().manual_seed(3)
     noises = [torch.randn(x_T.shape, generator=g, dtype=torch.float32).to(x_T.dtype) for _ in range(steps - 1)]
     noises.append(torch.zeros_like(x_T))
-    _, theirs = diffusers_loop(ddim_scheduler(schedule), model, x_T, steps,
-                               lambda i: {"eta": 1.0, "variance_noise": noises[i]})
+    theirs, callback = recorder()
+    run_scheduler(make_scheduler("ddim", schedule), model, x_T, steps, eta=1.0, callback=callback,
+                  step_kwargs=lambda i: {"variance_noise": noises[i]})
     assert_same_trajectory(ours, theirs)
 
 
@@ -203,15 +161,16 @@ def test_dpm_solver_pp_2m_matches_diffusers(name, steps):
     schedule, model, x_T = make_problem(name)
     ours, callback = recorder()
     sample_dpm_solver_pp(model, schedule, x_T, steps=steps, callback=callback)
-    _, theirs = diffusers_loop(dpm_scheduler(schedule), model, x_T, steps)
-    assert_same_trajectory(ours, theirs, check_x0=False)  # diffusers' step does not return x0_hat
+    theirs = diffusers_run("dpm++2m", schedule, model, x_T, steps)
+    assert all(x0 is None for _, x0 in theirs)  # diffusers' step does not return x0_hat: only x is compared
+    assert_same_trajectory(ours, theirs)
     if steps >= 3:
         # The comparison can fail: the first-order solver (DDIM) on the same steps is measurably different,
         # and so is diffusers' other second-order variant ("heun" instead of "midpoint").
         ddim, callback = recorder()
         sample_ddim(model, schedule, x_T, steps=steps, callback=callback)
         assert max_gap(ours, ddim) > 10 * ATOL
-        _, heun = diffusers_loop(dpm_scheduler(schedule, solver_type="heun"), model, x_T, steps)
+        heun = diffusers_run("dpm++2m", schedule, model, x_T, steps, solver_type="heun")
         assert max_gap(ours, heun) > 10 * ATOL
 
 
@@ -223,8 +182,9 @@ def test_ddpm_matches_diffusers_with_the_same_generator(name, steps):
     schedule, model, x_T = make_problem(name, dtype=torch.float32)
     ours, callback = recorder()
     sample_ddpm(model, schedule, x_T, steps=steps, generator=torch.Generator().manual_seed(5), callback=callback)
-    g = torch.Generator().manual_seed(5)
-    _, theirs = diffusers_loop(ddpm_scheduler(schedule), model, x_T, steps, lambda i: {"generator": g})
+    theirs, callback = recorder()
+    run_scheduler(make_scheduler("ddpm", schedule), model, x_T, steps, generator=torch.Generator().manual_seed(5),
+                  callback=callback)
     assert_same_trajectory(ours, theirs)
 
 
@@ -233,7 +193,7 @@ def test_ddpm_posterior_mean_matches_diffusers_per_step(name):
     """Golden values without noise, on the full T-step chain: from the same x_t, the mean of one DDPM step,
     mu(x_t, x0_hat) from `q_posterior`, equals diffusers' step minus its noise term."""
     schedule, model, _ = make_problem(name)
-    scheduler = ddpm_scheduler(schedule)
+    scheduler = make_scheduler("ddpm", schedule)
     scheduler.set_timesteps(schedule.T)
     g = torch.Generator().manual_seed(2)
     worst = 0.0
@@ -255,28 +215,27 @@ def test_ddpm_posterior_mean_matches_diffusers_per_step(name):
 def test_other_network_targets_match_diffusers(prediction):
     """A network that predicts v (Salimans & Ho 2022) or x0: same trajectories for all three samplers."""
     schedule, model, x_T = make_problem("cosine", prediction=prediction)
-    kind = PREDICTION_TYPE[prediction]
     ours, callback = recorder()
-    sample_ddim(model, schedule, x_T, steps=10, prediction=prediction, callback=callback)
-    _, theirs = diffusers_loop(ddim_scheduler(schedule, prediction_type=kind), model, x_T, 10, lambda i: {"eta": 0.0})
-    assert_same_trajectory(ours, theirs)
+    sample_ddim(model, schedule, x_T, steps=10, callback=callback)
+    assert_same_trajectory(ours, diffusers_run("ddim", schedule, model, x_T, 10, prediction=prediction))
     ours, callback = recorder()
-    sample_dpm_solver_pp(model, schedule, x_T, steps=10, prediction=prediction, callback=callback)
-    _, theirs = diffusers_loop(dpm_scheduler(schedule, prediction_type=kind), model, x_T, 10)
-    assert_same_trajectory(ours, theirs, check_x0=False)
+    sample_dpm_solver_pp(model, schedule, x_T, steps=10, callback=callback)
+    assert_same_trajectory(ours, diffusers_run("dpm++2m", schedule, model, x_T, 10, prediction=prediction))
     x32 = x_T.float()
     ours, callback = recorder()
-    sample_ddpm(model, schedule, x32, steps=10, prediction=prediction, generator=torch.Generator().manual_seed(5),
-                callback=callback)
-    g = torch.Generator().manual_seed(5)
-    _, theirs = diffusers_loop(ddpm_scheduler(schedule, prediction_type=kind), model, x32, 10, lambda i: {"generator": g})
+    sample_ddpm(model, schedule, x32, steps=10, generator=torch.Generator().manual_seed(5), callback=callback)
+    theirs, callback = recorder()
+    run_scheduler(make_scheduler("ddpm", schedule, prediction), model, x32, 10,
+                  generator=torch.Generator().manual_seed(5), callback=callback)
     assert_same_trajectory(ours, theirs)
+    # The comparison can fail: reading this network's output as eps gives another trajectory.
+    assert max_gap(ours, diffusers_run("ddim", schedule, model, x_T, 10, prediction="eps")) > 10 * ATOL
 
 
 def test_clip_x0_matches_diffusers_clip_sample():
     """clip_x0=1 clamps x0_hat and re-derives eps_hat from it: diffusers' clip_sample=True with, for DDIM,
-    use_clipped_model_output=True. The denoiser here is deliberately off (it overshoots x0 by 3x) so that
-    the clamp is active at many steps."""
+    use_clipped_model_output=True (the adapter sets it). The denoiser here is deliberately off (it overshoots x0
+    by 3x) so that the clamp is active at many steps."""
     schedule, exact, x_T = make_problem("linear")
 
     def model(x_t, t):  # eps of an x0_hat three times too large
@@ -285,21 +244,24 @@ def test_clip_x0_matches_diffusers_clip_sample():
         return (x_t - alpha_bar_t.sqrt() * x0_hat) / (1 - alpha_bar_t).sqrt()
 
     ours, callback = recorder()
-    sample_ddim(model, schedule, x_T, steps=10, clip_x0=1.0, callback=callback)
-    _, theirs = diffusers_loop(ddim_scheduler(schedule, clip_sample=True, clip_sample_range=1.0), model, x_T, 10,
-                               lambda i: {"eta": 0.0, "use_clipped_model_output": True})
-    assert_same_trajectory(ours, theirs)
+    sample_ddim(model, schedule, x_T, steps=10, clip_x0=1.0, prediction="eps", callback=callback)
+    assert_same_trajectory(ours, diffusers_run("ddim", schedule, model, x_T, 10, clip_x0=1.0))
     assert max(x0.abs().max().item() for _, x0 in ours) <= 1.0
     unclipped, callback = recorder()
-    sample_ddim(model, schedule, x_T, steps=10, callback=callback)
+    sample_ddim(model, schedule, x_T, steps=10, prediction="eps", callback=callback)
     assert max_gap(ours, unclipped) > 10 * ATOL  # the clamp did something
+    # and diffusers' default pairing (clipped x0_hat, unclipped eps_hat) is another sampler
+    paired, callback = recorder()
+    run_scheduler(make_scheduler("ddim", schedule, clip_x0=1.0), model, x_T, 10, callback=callback,
+                  step_kwargs=lambda i: {"use_clipped_model_output": False})
+    assert max_gap(ours, paired) > 10 * ATOL
     x32 = x_T.float()
     ours, callback = recorder()
-    sample_ddpm(model, schedule, x32, steps=10, clip_x0=1.0, generator=torch.Generator().manual_seed(5),
-                callback=callback)
-    g = torch.Generator().manual_seed(5)
-    _, theirs = diffusers_loop(ddpm_scheduler(schedule, clip_sample=True, clip_sample_range=1.0), model, x32, 10,
-                               lambda i: {"generator": g})
+    sample_ddpm(model, schedule, x32, steps=10, clip_x0=1.0, prediction="eps",
+                generator=torch.Generator().manual_seed(5), callback=callback)
+    theirs, callback = recorder()
+    run_scheduler(make_scheduler("ddpm", schedule, clip_x0=1.0), model, x32, 10,
+                  generator=torch.Generator().manual_seed(5), callback=callback)
     assert_same_trajectory(ours, theirs)
 
 
@@ -309,29 +271,67 @@ def test_float32_table_is_the_only_difference():
     schedule, model, x_T = make_problem("cosine")
     ours, callback = recorder()
     sample_dpm_solver_pp(model, schedule, x_T, steps=10, callback=callback)
-    plain = DPMSolverMultistepScheduler(**common(schedule), algorithm_type="dpmsolver++", solver_order=2,
-                                        final_sigmas_type="zero")
-    _, theirs = diffusers_loop(plain, model, x_T, 10)
-    gap = max_gap(ours, theirs)
+    gap = max_gap(ours, diffusers_run("dpm++2m", schedule, model, x_T, 10, exact=False))
     assert 1e-6 < gap < 1e-2
-    _, exact = diffusers_loop(dpm_scheduler(schedule), model, x_T, 10)
-    assert max_gap(ours, exact) < gap / 10
+    assert max_gap(ours, diffusers_run("dpm++2m", schedule, model, x_T, 10)) < gap / 10
 
 
 def test_random_unet_matches_diffusers_in_float32():
     """The same comparison with the real network type, in float32 as the chapter runs it."""
-    net = random_unet()
-    model = unet_denoiser(net)
     schedule = NoiseSchedule.from_name("linear", T=1000)
+    model = Denoiser(random_unet(), "eps", schedule, (1, 28, 28))
     x_T = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     steps = 8
-    ours, callback = recorder()
-    sample_dpm_solver_pp(model, schedule, x_T, steps=steps, callback=callback)
-    _, theirs = diffusers_loop(dpm_scheduler(schedule), model, x_T, steps)
-    scale = max(x.abs().max().item() for x, _ in ours)
-    assert max_gap(ours, theirs) < ATOL * max(1.0, scale)
-    ours, callback = recorder()
-    sample_ddim(model, schedule, x_T, steps=steps, callback=callback)
-    _, theirs = diffusers_loop(ddim_scheduler(schedule), model, x_T, steps, lambda i: {"eta": 0.0})
-    scale = max(x.abs().max().item() for x, _ in ours)
-    assert max_gap(ours, theirs) < ATOL * max(1.0, scale)
+    for sampler in ("dpm++2m", "ddim"):
+        ours, callback = recorder()
+        SAMPLERS[sampler](model, schedule, x_T, steps, callback=callback)
+        theirs = diffusers_run(sampler, schedule, model, x_T, steps)
+        scale = max(x.abs().max().item() for x, _ in ours)
+        assert max_gap(ours, theirs) < ATOL * max(1.0, scale), sampler
+
+
+# DDPM in one batch: diffusers also draws a (zero-variance) normal at the last step, so a second batch would
+# start further along the shared noise stream than ours does.
+@pytest.mark.parametrize("sampler, guidance, clip_x0, batch_size",
+                         [("ddim", 2.0, 1.0, 3), ("dpm++2m", 2.0, None, 3), ("ddpm", 2.0, 1.0, 5)])
+def test_generate_runs_diffusers_loop_like_ours(sampler, guidance, clip_x0, batch_size):
+    """`diffusers_sampler` has the samplers' signature, so sample.generate batches, guides and seeds it exactly
+    as it does ours: a class-conditional v-model, guided, gives the same images both ways."""
+    schedule = NoiseSchedule.from_name("cosine", T=1000)
+    torch.manual_seed(0)
+    net = UNet(channels=(8, 16, 16), num_classes=10)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.normal_(0, 0.1)
+    denoiser = Denoiser(net.eval(), "v", schedule, (1, 28, 28), num_classes=10)
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    options = dict(steps=10, guidance=guidance, clip_x0=clip_x0, batch_size=batch_size, seed=4)
+    ours = generate(denoiser, labels, sampler=sampler, **options)
+    theirs = generate(denoiser, labels, sampler=diffusers_sampler(sampler), **options)
+    gap = (ours - theirs).abs().max().item()
+    assert gap < ATOL, f"{sampler}: generate() through diffusers differs from ours by {gap:.2e}"
+    # The comparison can fail: the unguided model draws other images.
+    other = generate(denoiser, labels, sampler=diffusers_sampler(sampler), **{**options, "guidance": 0.0})
+    assert (ours - other).abs().max().item() > 100 * ATOL
+
+
+def test_adapter_refuses_what_diffusers_cannot_mean():
+    schedule = NoiseSchedule.from_name("cosine", T=1000)
+    with pytest.raises(ValueError, match="no diffusers scheduler for sampler 'heun'"):
+        diffusers_sampler("heun")
+    with pytest.raises(ValueError, match="no x0_hat clipping"):
+        make_scheduler("dpm++2m", schedule, clip_x0=1.0)
+    with pytest.raises(ValueError, match="eta is DDIM's noise level"):
+        diffusers_sampler("dpm++2m", eta=1.0)
+    with pytest.raises(ValueError, match="prediction"):
+        make_scheduler("ddim", schedule, prediction="score")
+    # a bare callable must say what it predicts, as for our samplers
+    with pytest.raises(ValueError, match="does not say what it predicts"):
+        diffusers_sampler("ddim")(lambda x_t, t: x_t, schedule, torch.zeros(1, 1, 4, 4), 2)
+
+
+def test_the_package_never_imports_diffusers():
+    """diffusers is a test extra: importing the adapter (and the package) must not load it."""
+    code = ("import sys, diffusion_lab, diffusion_lab.diffusers_compat, diffusion_lab.sample; "
+            "assert 'diffusers' not in sys.modules, 'diffusers was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})

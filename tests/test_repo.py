@@ -43,6 +43,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "schedules": {"utils"},
     "losses": {"schedules", "utils"},
     "samplers": {"schedules"},
+    "diffusers_compat": {"samplers", "schedules"},  # diffusers' schedulers driven like our samplers (tests, ch06)
     "data": {"utils"},
     "unet": set(),
     "mlp": {"unet"},        # reuses the UNet's sinusoidal time embedding

@@ -47,7 +47,16 @@ test: $(STAMP)
 # The kernel is the venv's: the python3 kernelspec resolves to the interpreter that runs jupyter-book.
 # --all re-reads every page (cheap: executed notebooks come from the cache). Without it, a page whose warning
 # failed one build is not re-read by the next, and that build passes.
+# jupyter-cache keys on the notebooks' code only, so a change to the package would leave stale outputs cached:
+# the cache is dropped whenever the hash of diffusion_lab/*.py (and the checkpoints) differs from the last build's.
+PACKAGE_HASH = $(shell cat diffusion_lab/*.py checkpoints/*.safetensors | sha256sum | cut -c1-16)
+CACHE    := _build/.jupyter_cache
+
 book: $(STAMP)
+	@if [ "$$(cat $(CACHE)/.package-hash 2>/dev/null)" != "$(PACKAGE_HASH)" ]; then \
+		if [ -d $(CACHE) ]; then echo "==> diffusion_lab/ or checkpoints/ changed: re-running every chapter"; fi; \
+		rm -rf $(CACHE) && mkdir -p $(CACHE) && echo "$(PACKAGE_HASH)" > $(CACHE)/.package-hash; \
+	fi
 	env -u DIFFUSION_LAB_PROFILE PATH="$(CURDIR)/$(BIN):$$PATH" \
 		$(BIN)/jupyter-book build . --all --warningiserror --nitpick --keep-going
 	@echo "==> open _build/html/index.html"

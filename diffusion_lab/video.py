@@ -3,8 +3,8 @@
 Moving MNIST (Srivastava et al. 2015, "Unsupervised learning of video representations using LSTMs"): one or two
 MNIST digits, each placed at a random spot in a square canvas and given a random direction and a speed from a fixed
 range, move in straight lines and bounce off the walls; where two digits overlap, the brighter pixel wins (max).
-Clips are made on the fly: generation is vectorised over clips, so the chapter's dataset takes well under a second
-after MNIST itself is loaded, and there is nothing to cache.
+Clips are made on the fly, vectorised over clips and writing only inked pixels: about as quick as loading MNIST
+itself, so nothing is cached.
 
 Everything the chapter's evaluation needs is kept beside the pixels: each digit's label, its index in
 `data.mnist(train)`, and its path (top-left corner per frame), so `track_crops` can cut each digit's 28x28 window

@@ -110,7 +110,7 @@ def test_digits_stay_inside_and_bounce_with_constant_speed(which, speed_range, r
     v = torch.cat([s.velocities[:, 0], s.velocities[two, 1]])
     assert (p >= 0).all() and (p <= room).all()
     corners = video.pixel_positions(p)
-    assert (corners >= 0).all() and (corners <= room).all()
+    assert (corners >= 0).all() and (corners <= room).all() and ((corners - p).abs() <= 0.5).all()  # drawn rounded
 
     # speed is preserved: |v| is the same in every frame, and inside the requested range
     speed = v.norm(dim=-1)  # (k, F)

@@ -27,7 +27,7 @@ SPEED = (0.5, 1.5)  # pixels per frame, drawn uniformly per digit
 MAX_DIGITS = 2
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # eq=False: tensors have no single truth value
 class MovingDigits:
     """A set of Moving MNIST clips and how they were made. D = MAX_DIGITS slots per clip; a clip with one digit
     leaves slot 1 empty (label and source -1, trajectory and velocity NaN).
@@ -67,8 +67,13 @@ def _whole(value, name: str, low: int) -> int:
 
 
 def _digit_counts(digits) -> tuple[int, ...]:
-    choices = (digits,) if isinstance(digits, int) else tuple(digits) if isinstance(digits, (tuple, list)) else ()
-    if not choices or any(isinstance(d, bool) or d not in range(1, MAX_DIGITS + 1) for d in choices):
+    choices = tuple(digits) if isinstance(digits, (tuple, list)) else (digits,)
+    try:
+        valid = choices and not any(isinstance(d, bool) for d in choices)
+        choices = tuple(operator.index(d) for d in choices)
+    except TypeError:
+        valid = False
+    if not valid or any(d not in range(1, MAX_DIGITS + 1) for d in choices):
         raise ValueError(f"moving_mnist: digits must be 1, 2 or a tuple of them such as (1, 2), got {digits!r}")
     return choices
 

@@ -79,7 +79,7 @@ def test_shapes_and_dtypes(small):
     assert small.clips.max() == 255 and (small.clips.flatten(1).amax(1) > 0).all()  # every clip has ink
 
 
-@pytest.mark.parametrize("digits, counts", [(1, {1}), (2, {2}), ((2,), {2}), ([1, 2], {1, 2})])
+@pytest.mark.parametrize("digits, counts", [(1, {1}), (2, {2}), ((2,), {2}), ([1, 2], {1, 2}), (torch.tensor(2), {2})])
 def test_digits_chooses_how_many_move(digits, counts):
     assert set(video.moving_mnist(12, frames=2, digits=digits).counts.tolist()) == counts
 
@@ -212,6 +212,7 @@ def test_unit_range_is_the_unets_clip_layout(small):
     (dict(n=2, digits=(1, 3)), "digits must be 1, 2"),
     (dict(n=2, digits=()), "digits must be 1, 2"),
     (dict(n=2, digits=True), "digits must be 1, 2"),
+    (dict(n=2, digits="2"), "digits must be 1, 2"),
     (dict(n=2, train="test"), "train must be True"),
     (dict(n=2, seed=-1), "seed must be a whole number >= 0"),
     (dict(n=2, speed=(2.0, 1.0)), "speed must be"),

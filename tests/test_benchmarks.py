@@ -1,4 +1,4 @@
-"""The benchmark scripts in benchmarks/ (issue 5): each runs end to end at a micro budget through its main(argv),
+"""The benchmark scripts in benchmarks/: each runs end to end at a micro budget through its main(argv),
 and what it writes has the shape the appendix page and chapter 08 read. The numbers at these budgets mean
 nothing; the checks are about protocol (same noise, same sampler, the anchor's recipe) and plumbing.
 

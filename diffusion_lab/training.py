@@ -13,6 +13,7 @@ Introduced in chapter 00; `fit` is chapter 04's and 05's loop too; explained in 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -289,12 +290,12 @@ def fit(denoiser: Denoiser, batches, config: FitConfig, *, checkpoint: str | os.
     meta = _run_meta(denoiser, config, record) if checkpoint is not None else None  # a checkpoint's JSON config
 
     lock = RunLock(checkpoint) if checkpoint is not None and rank == 0 else None
-    with lock or _nothing():
+    with lock or contextlib.nullcontext():
         step, losses, elapsed_before, resumed_from = 0, [], 0.0, None
         if checkpoint is not None and resume and Path(checkpoint).exists():
-            resumed_from = step = _resume(checkpoint, meta, model, ema, optimizer, generator, losses,
-                                          progress and rank == 0)
-            elapsed_before = _elapsed(checkpoint)
+            step, elapsed_before = _resume(checkpoint, meta, model, ema, optimizer, generator, losses,
+                                           progress and rank == 0)
+            resumed_from = step
             if world > 1:  # the file holds rank 0's generator only; give every rank its own stream again
                 generator.manual_seed(config.seed + rank + world * step)
 
@@ -370,14 +371,6 @@ def fit(denoiser: Denoiser, batches, config: FitConfig, *, checkpoint: str | os.
                      elapsed_before + wall, images_seen / wall if wall > 0 else float("nan"))
 
 
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _ema_denoiser(denoiser: Denoiser, ema) -> Denoiser:
     return dataclasses.replace(denoiser, net=ema)
 
@@ -389,12 +382,9 @@ def _check_finite(nonfinite: torch.Tensor, pending: list, checkpoint, step: int)
                              f"{kept}. Lower --lr, or check the data for NaNs.")
 
 
-def _elapsed(checkpoint) -> float:
-    return float(load_checkpoint(checkpoint)[1].get("elapsed_s", 0.0))
-
-
-def _resume(checkpoint, meta, model, ema, optimizer, generator, losses: list, verbose: bool) -> int:
-    """Load a training-run checkpoint into the live objects, after checking that it is the same run."""
+def _resume(checkpoint, meta, model, ema, optimizer, generator, losses: list, verbose: bool) -> tuple[int, float]:
+    """Load a training-run checkpoint into the live objects, after checking that it is the same run.
+    Returns (its step, the training seconds it already took)."""
     tensors, saved = load_checkpoint(checkpoint)
     if saved.get("format") != FORMAT or saved.get("kind") != "training-run":
         raise CheckpointError(f"{checkpoint} is not a {FORMAT} training run (format {saved.get('format')!r}); "
@@ -417,7 +407,7 @@ def _resume(checkpoint, meta, model, ema, optimizer, generator, losses: list, ve
     losses.extend(tensors["history.loss"].tolist())
     if verbose:
         print(f"resuming from {checkpoint} at step {saved['step']}" + (f" ({'; '.join(allowed)})" if allowed else ""))
-    return int(saved["step"])
+    return int(saved["step"]), float(saved.get("elapsed_s", 0.0))
 
 
 # --- MNIST: train() and its config ----------------------------------------------------------------------------

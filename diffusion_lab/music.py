@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import os
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .data import default_root
-from .utils import CacheError, atomic_write_bytes, cache_problem, verified_cache
+from .utils import CacheError, read_pinned, verified_cache, write_pinned
 
 REST = -1
 VOICES = ("soprano", "alto", "tenor", "bass")
@@ -154,10 +153,6 @@ def cache_path(root: str | os.PathLike | None = None, files=None) -> Path:
     return root / "bach_chorales" / f"{name}.npz"
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_suffix(".json")
-
-
 def build_cache(path: Path, files=None) -> dict:
     """Parse every file, write the .npz and then its sidecar (size, SHA-256, counts), each atomically.
 
@@ -180,24 +175,9 @@ def build_cache(path: Path, files=None) -> dict:
     np.savez(buffer, pitches=np.concatenate(pitches, axis=1),  # (4, total steps): chorales end to end
              offsets=np.cumsum([0, *lengths]).astype(np.int64), names=np.array(names), keys=np.array(keys),
              shifts=np.array(shifts, dtype=np.int8), meters=np.array(meters), pickups=np.array(pickups, np.int64))
-    data = buffer.getvalue()
-    stats = {
-        "file": path.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-        "music21": music21_version(), "files": len(files), "parsed": len(files) - sum(
-            n for r, n in skipped.items() if r.startswith("parse error")),
-        "kept": len(kept), "skipped": dict(sorted(skipped.items())), "parse_seconds": round(seconds, 2),
-    }
-    atomic_write_bytes(path, data)
-    atomic_write_bytes(_sidecar(path), (json.dumps(stats, indent=1) + "\n").encode())
-    return stats
-
-
-def _read_sidecar(path: Path) -> dict | None:
-    try:
-        stats = json.loads(_sidecar(path).read_text())
-        return stats if isinstance(stats.get("bytes"), int) and isinstance(stats.get("sha256"), str) else None
-    except (OSError, ValueError, AttributeError):
-        return None
+    parsed = len(files) - sum(n for r, n in skipped.items() if r.startswith("parse error"))
+    return write_pinned(path, buffer.getvalue(), music21=music21_version(), files=len(files), parsed=parsed,
+                        kept=len(kept), skipped=dict(sorted(skipped.items())), parse_seconds=round(seconds, 2))
 
 
 def bach_chorales(root: str | os.PathLike | None = None, files=None) -> Chorales:
@@ -214,11 +194,8 @@ def bach_chorales(root: str | os.PathLike | None = None, files=None) -> Chorales
     semitones at training time remains possible on top.
     """
     path = cache_path(root, files)
-    stats = _read_sidecar(path)
-    problem = "missing" if stats is None else None
-    if stats is not None:
-        problem = cache_problem(path, stats["bytes"], stats["sha256"])
-    if problem is not None:
+    stats = read_pinned(path)
+    if stats is None:  # missing, cut off, changed, or its sidecar lost: parse again
         stats = build_cache(path, files)
     fix = f"Delete {path.parent} and call bach_chorales() again."
     verified_cache(path, stats["bytes"], stats["sha256"], build=None, fix=fix)

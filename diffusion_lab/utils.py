@@ -6,6 +6,7 @@ Introduced in chapter 00 (quickstart); every other module may import this one, a
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import random
@@ -138,6 +139,34 @@ def cache_problem(path: str | os.PathLike, size: int, sha256: str) -> str | None
     if file_sha256(path) != sha256:
         return f"damaged (its SHA-256 differs from the pinned {sha256[:12]}...)"
     return None
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """Where a cache's sidecar lives: beside it, with .json appended (chorales.npz -> chorales.npz.json)."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def write_pinned(path: str | os.PathLike, data: bytes, **record) -> dict:
+    """Write a cache whose bytes cannot be pinned in code (they depend on a library's version): `data` to `path`,
+    then a sidecar recording its size and SHA-256 (plus `record`), each atomically. The sidecar goes last, so a
+    kill between the two leaves one that does not match, and the next `read_pinned` asks for a rebuild."""
+    pins = {"file": Path(path).name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), **record}
+    atomic_write_bytes(path, data)
+    atomic_write_bytes(sidecar_path(path), (json.dumps(pins, indent=1) + "\n").encode())
+    return pins
+
+
+def read_pinned(path: str | os.PathLike) -> dict | None:
+    """The sidecar's record when `path` holds exactly the bytes it pins; None when either file is missing,
+    unreadable, cut off or changed (then rebuild the cache)."""
+    try:
+        pins = json.loads(sidecar_path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not (isinstance(pins, dict) and isinstance(pins.get("bytes"), int) and isinstance(pins.get("sha256"), str)):
+        return None
+    return pins if cache_problem(path, pins["bytes"], pins["sha256"]) is None else None
 
 
 def verified_cache(path: str | os.PathLike, size: int, sha256: str, build=None, fix: str = "") -> Path:

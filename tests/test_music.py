@@ -7,6 +7,7 @@ import pytest
 import music21  # a base dependency: its absence must fail here, not skip
 
 from diffusion_lab import music
+from diffusion_lab.utils import sidecar_path
 
 FOUR_PART = ("bwv10.7.mxl", "bwv67.4.xml", "bwv366.krn")  # MusicXML in 4/4, MusicXML in 3/4, Humdrum
 FIVE_PART = "bwv1.6.mxl"  # a horn part above SATB: not a four-part chorale
@@ -136,7 +137,7 @@ def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch, damage):
     elif damage == "flip":
         path.write_bytes(data[:-40] + bytes([data[-40] ^ 1]) + data[-39:])
     else:
-        path.with_suffix(".json").unlink()
+        sidecar_path(path).unlink()
     calls = []
     real = music.parse_chorale
     monkeypatch.setattr(music, "parse_chorale", lambda p: calls.append(p) or real(p))

@@ -349,9 +349,10 @@ def test_gan_vs_diffusion_micro_and_merge(tmp_path):
             run = result["runs"][name][0]
             assert run["seed"] == seed and run["curve"] and all(p["fid"] > 0 for p in run["curve"])
             assert sum(run["class_histogram"]) == result["config"]["n_hist"]
-        assert result["runs"]["diffusion"][0]["objective"] == "eps"
+            assert len(run["curve"]) == result["config"]["evals"]  # equal evaluations, none past the budget
+        assert result["runs"]["diffusion"][0]["objective"] == "v"
         cost = result["sampling_cost"]
-        assert cost["diffusion_forward_passes"] == result["config"]["ddim_steps"] and cost["diffusion_s"] > 0
+        assert cost["diffusion_forward_passes"] == result["config"]["sampler_steps"] and cost["diffusion_s"] > 0
     merged = tmp_path / "gvd.json"
     gan_vs_diffusion.main(["--merge", *map(str, parts), "--out", str(merged)])
     assert [r["seed"] for r in json.loads(merged.read_text())["runs"]["diffusion"]] == [0, 1]
@@ -359,7 +360,7 @@ def test_gan_vs_diffusion_micro_and_merge(tmp_path):
 
 def test_gan_vs_diffusion_samples_through_generate_with_the_models_contract():
     config = gan_vs_diffusion.diffusion_config(0, 8, [8, 16, 16], "cpu")
-    assert config.prediction == "eps" and not config.conditional
+    assert config.prediction == "v" and not config.conditional and not config.attention
     from diffusion_lab.training import build_denoiser
     denoiser = build_denoiser(config)
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from .utils import atomic_write_bytes
 
 class Shipped(NamedTuple):
     sha256: str   # of checkpoints/<name>.safetensors
-    kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set)
+    kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set), "lora"
 
 
 # name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.
@@ -32,6 +32,8 @@ SHIPPED: dict[str, Shipped] = {
     "mnist-classifier": Shipped("1e438f92dc9de1f4643ee20a4909c98ef1201ab9b09d9f3137c2f7e8385a16db", "classifier"),
     "mnist-cond": Shipped("d244664377cbaed1ade1ef569d540ebf65a51d3707fd452b32f5110faaf77734", "diffusion"),
     "ch05-denoisers": Shipped("06ec96a2ba99cb2efe0c6a58ed99e3a01fe4ef0757ec9a35ca26e310b9978e73", "denoisers"),
+    # chapter 09: a LoRA adapter for mnist-cond (diffusion_lab.lora; loaded with --lora, never on its own)
+    "typeset-lora": Shipped("a3f2571bd517549f0de24e405833f0d8b9bc4feb3d8f6d54ad7a7ae8396e0179", "lora"),
 }
 
 CHECKPOINT_ENV = "DIFFUSION_LAB_CHECKPOINTS"

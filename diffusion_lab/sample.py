@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data
+from . import data, lora
 from .checkpoint import SHIPPED, CheckpointError, resolve_checkpoint
 from .conditioning import guided, style_code
 from .denoiser import load_denoiser
@@ -221,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true",
                    help="print conditional accuracy and classifier-FID vs real test digits at the same N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    # editing (chapter 09): a LoRA style adapter merged into the base model
+    p.add_argument("--lora", default=None,
+                   help="a LoRA (shipped name such as typeset-lora, or a path) trained on exactly this --checkpoint")
     return p
 
 
@@ -259,6 +262,8 @@ def run(args) -> dict:
     _check_args(args)
     path, expected_sha = resolve_checkpoint(args.checkpoint)
     denoiser = load_denoiser(args.checkpoint, device=args.device)
+    if args.lora:  # chapter 09: refused unless the LoRA was trained on this very file (its SHA-256)
+        denoiser = lora.with_lora(denoiser, args.lora, base_sha256=expected_sha or file_sha256(path))
     if len(denoiser.shape) != 3 or denoiser.shape[0] != 1:
         raise ValueError(f"this command writes grey-scale images (1, H, W); {args.checkpoint} makes samples of shape "
                          f"{denoiser.shape}: sample it with diffusion_lab.sample.generate")
@@ -287,7 +292,7 @@ def run(args) -> dict:
     meta = {"checkpoint": str(args.checkpoint), "file": str(path),
             "sha256": expected_sha or file_sha256(path), "sha256_verified": expected_sha is not None,
             "sampler": args.sampler, "steps": args.steps, "guidance": args.guidance, "eta": args.eta,
-            "clip_x0": args.clip_x0,
+            "clip_x0": args.clip_x0, "lora": args.lora,
             "seed": args.seed, "n": args.n, "labels": args.labels, "slant": args.slant, "thickness": args.thickness,
             "prediction": denoiser.prediction, "schedule": denoiser.schedule.name, "T": denoiser.schedule.T,
             "device": str(denoiser.device), "seconds": round(seconds, 3),

@@ -27,6 +27,7 @@ import plot_curves  # noqa: E402
 import anchor  # noqa: E402
 import gan_vs_diffusion  # noqa: E402
 import gpu_run  # noqa: E402
+import lora_sweep  # noqa: E402
 import render_gpu  # noqa: E402
 import sampling  # noqa: E402
 import throughput  # noqa: E402
@@ -40,7 +41,7 @@ from diffusion_lab.unet import UNet  # noqa: E402
 
 SMOKE = "smoke check, not a result"
 SCRIPTS = {"train_vs_anchor": train_vs_anchor, "throughput": throughput, "sampling": sampling, "ablation": ablation,
-           "anchor_samplers": anchor_samplers}
+           "anchor_samplers": anchor_samplers, "lora_sweep": lora_sweep}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.py
@@ -385,6 +386,22 @@ def test_gpu_run_smoke_on_cpu(tmp_path):
     assert speed["config"]["steps"] == 4 and speed["trace"] and set(gpu_run.machine()) <= set(speed)
     rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
     assert rows and rows[0]["images_per_s"] > 0
+
+
+def test_lora_sweep_micro(tmp_path, monkeypatch):
+    """Chapter 09's sweep at a micro budget: every run is scored at its steps, sizes are stratified, and a re-run
+    with the same settings keeps the finished runs instead of training them again."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "sweep.json"
+    argv = ["--out", str(out), "--steps", "2", "--eval-at", "1", "--n-eval", "10", "--sample-steps", "2",
+            "--style-steps", "5", "--methods", "r1", "full", "--sizes", "10", "--threads", "1"]
+    result = lora_sweep.main(argv)
+    names = [run["name"] for run in result["runs"]]
+    assert names == ["r1-n1500", "full-n1500", "r4-n10"]
+    assert [p["step"] for p in result["runs"][0]["curve"]] == [1, 2] and result["runs"][2]["images"] == 10
+    assert result["runs"][0]["trainable_parameters"] < result["runs"][1]["trainable_parameters"]
+    assert out.with_suffix(".md").read_text().strip() == lora_sweep.render(json.loads(out.read_text())).strip()
+    assert lora_sweep.main(argv)["runs"] == result["runs"]   # nothing trained again
 
 
 # --- the committed results and the appendix page -----------------------------------------------------------

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import diffusion_lab
-from diffusion_lab import metrics, sample, training
+from diffusion_lab import edit, lora, metrics, sample, training
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,6 +42,7 @@ CLIS = {
     "diffusion_lab.sample": (sample.main, sample._parser),
     "diffusion_lab.train": (training.main, training._parser),
     "diffusion_lab.metrics": (metrics.main, metrics._parser),
+    "diffusion_lab.edit": (edit.main, edit._parser),
 }
 
 
@@ -74,6 +75,19 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "folder.safetensors").mkdir()
     shutil.copyfile(tiny, folder / "existing.safetensors")  # a run to resume (or to refuse to resume)
     np.savez(folder / "existing.npz", images=np.zeros((2, 28, 28), np.uint8), labels=np.zeros(2, np.int64))
+    # chapter 09 (edit, --lora): a LoRA for the tiny model, one for another base, digits and masks to edit
+    from diffusion_lab.denoiser import load_denoiser
+    from diffusion_lab.utils import file_sha256
+
+    for name, base_sha in (("tiny-lora", file_sha256(tiny)), ("other-lora", "0" * 64)):
+        net = load_denoiser(tiny, device="cpu").net
+        lora.add_lora(net, rank=1)
+        lora.save_lora(folder / f"{name}.safetensors", net, base="tiny", base_sha256=base_sha)
+    digits = np.random.default_rng(1).integers(0, 256, (2, 28, 28), np.uint8)
+    np.savez(folder / "digits.npz", images=digits, labels=np.array([3, 7]))
+    np.savez(folder / "digits-float.npz", images=digits.astype(np.float32))
+    np.savez(folder / "mask.npz", mask=np.ones((1, 28, 28), np.uint8))
+    np.savez(folder / "mask-3.npz", mask=np.ones((3, 28, 28), np.uint8))
     return folder
 
 
@@ -253,6 +267,8 @@ SAMPLE = {
     "--out": (["s.npz", "existing.npz"], ["sub/s.npz", "no-such-folder/s.npz", "s.txt", "", "."]),
     "--grid": (["g.png"], ["g.jpg", "sub/g.png", "", "."]),
     "--device": (["cpu", "auto"], ["nonsense", "cuda:7"]),
+    "--lora": (["", _inputs_path("tiny-lora.safetensors")],
+               ["typeset-lora", _inputs_path("other-lora.safetensors"), TINY, "no-such-lora", *BAD_CHECKPOINTS[2:5]]),
 }
 
 
@@ -366,3 +382,62 @@ def metrics_argvs(draw):
 def test_metrics_cli(inputs, argv):
     status, _ = run_cli("diffusion_lab.metrics", argv, inputs, {"--out": "safetensors"})
     assert status in (1, 2)  # the space holds no valid run: each would train or evaluate on all of MNIST
+
+
+EDIT = {
+    "--checkpoint": ([TINY, "mnist-cond"], BAD_CHECKPOINTS),
+    "--lora": ([_inputs_path("tiny-lora.safetensors"), "typeset-lora"],
+               [_inputs_path("other-lora.safetensors"), TINY, "no-such-lora", *BAD_CHECKPOINTS[2:5]]),
+    "--in": ([_inputs_path("digits.npz"), "existing.npz"],
+             [_inputs_path("digits-float.npz"), _inputs_path("mask.npz"), TINY, "missing.npz", "."]),
+    "--out": (["e.npz", "existing.npz"], ["sub/e.npz", "no-such-folder/e.npz", "e.txt", "", "."]),
+    "--strength": (["0.5", "1", "0.05"], ["0", "-0.5", "1.5", "nan", "inf"]),
+    "--mask": (["left", "square", _inputs_path("mask.npz")], [_inputs_path("mask-3.npz"), "bogus", TINY,
+                                                              _inputs_path("digits.npz")]),
+    "--resample": (["1", "2"], ["0", "-1", "x"]),
+    "--steps": (["1", "2", "3"], ["0", "-1", "1000000", "x"]),
+    "--target": (["8", "3,5"], ["10", "x", ""]),
+    "--labels": (["auto", "3", "cycle"], ["10", "-1", "x", ""]),
+    "--seed": (["0", "1"], ["-1", str(2**64), "x"]),
+    "--device": (["cpu"], ["nonsense", "cuda:7"]),
+}
+
+
+@st.composite
+def edit_argvs(draw):
+    command = draw(st.sampled_from(["sdedit", "inpaint", "invert", "bogus"]))
+    return [command, *draw(argvs(edit._parser(), EDIT, always=("--in", "--out", "--steps", "--checkpoint")))]
+
+
+EDIT_OK = ["sdedit", "--checkpoint", TINY, "--lora", _inputs_path("tiny-lora.safetensors"),
+           "--in", _inputs_path("digits.npz"), "--strength", "0.6", "--steps", "2", "--out", "e.npz"]
+
+
+REFUSALS = {  # the errors the edit CLI owes its users, each one line
+    "mask-3.npz": (["inpaint", "--checkpoint", TINY, "--mask", _inputs_path("mask-3.npz")], "does not match the images"),
+    "strength": (["sdedit", "--checkpoint", TINY, "--strength", "1.5"], "--strength must lie in (0, 1]"),
+    "other base": (["sdedit", "--checkpoint", TINY, "--lora", _inputs_path("other-lora.safetensors")], "SHA-256"),
+    "base differs": (["invert", "--checkpoint", "mnist-cond", "--lora", _inputs_path("tiny-lora.safetensors")],
+                     "SHA-256"),
+}
+
+
+@fuzz_settings(150)
+@given(argv=edit_argvs())
+@example(argv=EDIT_OK)
+@example(argv=[*REFUSALS["mask-3.npz"][0], "--in", _inputs_path("digits.npz"), "--steps", "2", "--out", "existing.npz"])
+def test_edit_cli(inputs, argv):
+    status, _ = run_cli("diffusion_lab.edit", argv, inputs, {"--out": "npz"}, seed_files=["existing.npz"])
+    if argv == EDIT_OK:
+        assert status == 0
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS))
+def test_edit_cli_refusals(inputs, tmp_path, case):
+    argv, message = REFUSALS[case]
+    argv = [a.replace("@inputs", str(inputs)) for a in argv]
+    out = tmp_path / "e.npz"
+    with pytest.raises(SystemExit) as refused:
+        edit.main([*argv, "--in", str(inputs / "digits.npz"), "--steps", "2", "--out", str(out)])
+    assert message in str(refused.value.code) and str(refused.value.code).startswith("error: ")
+    assert "\n" not in str(refused.value.code) and not out.exists()

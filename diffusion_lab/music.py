@@ -366,18 +366,39 @@ def compare_representations(x: np.ndarray, noise=(0.01, 0.1, 0.3, 0.5), seed: in
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The model's code: one continuous pitch per voice and step, in units of half an octave around the voice's centre
+# The model's code: per voice and step, a continuous position on the C major scale plus a "sharp" flag
 # ----------------------------------------------------------------------------------------------------------
-# Chapter 11 measured both codes on one CPU thread at the same budget: the 1-D UNet over the roll folded to
-# (4 * LEVELS, 64) channels still drew noise for alto, tenor and bass after 1,200 steps (its loss had barely moved),
-# while a UNet over the continuous code learned ranges and voice order within 400 steps. The continuous code of
-# `encode_pitch` packs a semitone into 2 / 55 of [-1, 1], finer than the sampler's last noise levels, so its notes
-# came out chromatic (in key 0.68). Here each voice gets its own centre and a semitone is 1/6 of a unit, so the
-# values keep a spread near 1 (what the schedules assume) and neighbouring notes stay apart at low noise.
+# Chapter 11 measured three codes on one CPU thread at the same budget (the model card has the commands):
+# - the folded piano roll, (4 * LEVELS, 64) channels with argmax decoding, still drew noise for alto, tenor and bass
+#   after 1,200 steps: its loss had barely left the plateau of "every pitch off";
+# - one continuous MIDI pitch per voice learned ranges and voice order within a few hundred steps, but its notes
+#   came out chromatic (in key about 0.68, like random notes): a rounding error of one semitone usually leaves the
+#   scale;
+# - this code: the pitch as a step on the C major scale (C D E F G A B), continuous, and a second channel that
+#   says "raised a semitone" (F#, G#, C#, ...). A rounding error of one step now lands on the neighbouring scale
+#   note, and a chromatic note is a separate decision, as it is in the chorales (in C major / A minor, about 7% of
+#   the notes are raised). Each voice is centred on the middle of its range, and half an octave (3.5 scale steps)
+#   is one unit, so the values spread about as far as the noise schedules assume.
 WINDOW = 64                                 # 4 bars of 4/4 in 16th notes
 CENTRES = (70, 65, 58, 50)                  # mid-range of S, A, T, B in the transposed chorales (MIDI)
-SEMITONES_PER_UNIT = 6.0
-SHAPE = (4, WINDOW)
+NATURALS = np.array([0, 2, 4, 5, 7, 9, 11])  # pitch classes of the C major scale
+SCALE_STEPS_PER_UNIT = 3.5
+SHAPE = (8, WINDOW)                         # channels 0-3: scale position of S, A, T, B; 4-7: their sharp flags
+
+
+def to_scale(pitches) -> tuple[np.ndarray, np.ndarray]:
+    """MIDI pitches -> (scale step number, 7 per octave from C-1; sharp 0 or 1): F#4 = (F4's step, 1)."""
+    octave, pitch_class = np.divmod(np.asarray(pitches, dtype=np.int64), 12)
+    index = np.searchsorted(NATURALS, pitch_class, side="right") - 1
+    return 7 * octave + index, pitch_class - NATURALS[index]
+
+
+def from_scale(step, sharp) -> np.ndarray:
+    octave, index = np.divmod(np.asarray(step, dtype=np.int64), 7)
+    return 12 * octave + NATURALS[index] + np.asarray(sharp, dtype=np.int64)
+
+
+SCALE_CENTRES = to_scale(CENTRES)[0]
 
 
 def fill_rests(pitches) -> np.ndarray:
@@ -394,18 +415,22 @@ def fill_rests(pitches) -> np.ndarray:
 
 
 def to_signal(pitches) -> "torch.Tensor":
-    """(..., 4, steps) pitches -> float32 tensor (..., 4, steps): (pitch - voice centre) / 6 semitones. Rests are
+    """(..., 4, steps) pitches -> float32 tensor (..., 8, steps): channels 0-3 the scale position of each voice
+    relative to its centre, in half-octaves; channels 4-7 +1 where the note is raised, -1 where not. Rests are
     filled by `fill_rests` first."""
     import torch
 
-    x = fill_rests(pitches).astype(np.float32)
-    return torch.from_numpy((x - np.array(CENTRES, np.float32)[:, None]) / SEMITONES_PER_UNIT)
+    step, sharp = to_scale(fill_rests(pitches))
+    position = (step - SCALE_CENTRES[:, None]) / SCALE_STEPS_PER_UNIT
+    return torch.from_numpy(np.concatenate([position, 2.0 * sharp - 1], axis=-2).astype(np.float32))
 
 
 def from_signal(x) -> np.ndarray:
-    """(..., 4, steps) codes -> int16 MIDI pitches: the nearest semitone, clipped to the shared pitch range."""
+    """(..., 8, steps) codes -> int16 MIDI pitches: the nearest scale step, raised where the flag is > 0, clipped to
+    the shared pitch range."""
     x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
-    pitches = np.rint(x * SEMITONES_PER_UNIT + np.array(CENTRES)[:, None])
+    step = np.rint(x[..., :4, :] * SCALE_STEPS_PER_UNIT + SCALE_CENTRES[:, None])
+    pitches = from_scale(step, x[..., 4:, :] > 0)
     return np.clip(pitches, PITCH_LOW, PITCH_HIGH).astype(np.int16)
 
 
@@ -422,13 +447,13 @@ def chorale_denoiser(channels=(48, 96, 128), dropout: float = 0.0, T: int = 1000
     from .schedules import NoiseSchedule
     from .unet import UNet
 
-    net = UNet(in_channels=4, channels=tuple(channels), dims="1d", attention=True, dropout=dropout)
+    net = UNet(in_channels=SHAPE[0], channels=tuple(channels), dims="1d", attention=True, dropout=dropout)
     return Denoiser(net, prediction, NoiseSchedule.from_name("cosine", T), SHAPE)
 
 
 def train_chorales(out=None, steps: int = 1200, batch_size: int = 64, lr: float = 2e-3, seed: int = 0,
                    channels=(48, 96, 128), max_minutes: float = 0.0, ckpt_every: int = 100, progress: bool = True,
-                   chorales: Chorales | None = None):
+                   chorales: Chorales | None = None, device: str = "cpu"):
     """Fit `chorale_denoiser` on the training split's 4-bar windows with `training.fit` (resumable through `out`).
 
     Returns fit's FitResult; its `.denoiser` holds the EMA weights."""
@@ -438,7 +463,7 @@ def train_chorales(out=None, steps: int = 1200, batch_size: int = 64, lr: float 
 
     chorales = bach_chorales() if chorales is None else chorales
     x0 = to_signal(training_windows(chorales))
-    config = FitConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=100, seed=seed, device="cpu",
+    config = FitConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=100, seed=seed, device=device,
                        ckpt_every=ckpt_every, log_every=50, max_minutes=max_minutes, p_uncond=0.0)
     torch.manual_seed(seed)
     denoiser = chorale_denoiser(channels)
@@ -452,11 +477,11 @@ def train_chorales(out=None, steps: int = 1200, batch_size: int = 64, lr: float 
 
 
 def soprano_mask(n: int = 1, steps: int = WINDOW) -> "torch.Tensor":
-    """(n, 4, steps): 1 on the soprano (known), 0 on alto, tenor and bass (generated)."""
+    """(n, 8, steps): 1 on the soprano's two channels (known), 0 on alto, tenor and bass (generated)."""
     import torch
 
-    mask = torch.zeros(n, 4, steps)
-    mask[:, 0] = 1
+    mask = torch.zeros(n, SHAPE[0], steps)
+    mask[:, [0, 4]] = 1
     return mask
 
 

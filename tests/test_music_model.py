@@ -44,12 +44,27 @@ def held_out():
 def test_signal_round_trip_on_real_windows(held_out):
     x = held_out[(held_out != music.REST).all(axis=(1, 2))][:20]
     code = music.to_signal(x)
-    assert code.shape == (20, 4, music.WINDOW) and code.dtype == torch.float32
+    assert code.shape == (20, 8, music.WINDOW) and code.dtype == torch.float32
     assert np.array_equal(music.from_signal(code), x)
-    assert 0.5 < code.std() < 1.5, "the code keeps a spread near 1, as the noise schedules assume"
-    # one semitone apart stays one semitone apart, and a nudge of under half a semitone rounds back
-    assert np.array_equal(music.from_signal(code + 0.49 / music.SEMITONES_PER_UNIT), x)
-    assert np.array_equal(music.from_signal(code + 1 / music.SEMITONES_PER_UNIT), x + 1)
+    assert 0.5 < code[:, :4].std() < 1.5, "the positions keep a spread near 1, as the noise schedules assume"
+    assert set(np.unique(code[:, 4:]).tolist()) == {-1.0, 1.0}
+    # a nudge of under half a scale step rounds back; a whole step up lands on the next note of the scale
+    nudged = code.clone()
+    nudged[:, :4] += 0.49 / music.SCALE_STEPS_PER_UNIT
+    assert np.array_equal(music.from_signal(nudged), x)
+    up = code.clone()
+    up[:, :4] += 1 / music.SCALE_STEPS_PER_UNIT
+    up[:, 4:] = -1
+    assert music.in_key_share(music.from_signal(up)) == 1
+    step, _ = music.to_scale(x)
+    assert np.array_equal(music.from_signal(up), music.from_scale(step + 1, 0))
+
+
+def test_scale_code_by_hand():
+    step, sharp = music.to_scale([60, 61, 62, 66, 70, 71])  # C4 C#4 D4 F#4 A#4 B4
+    assert sharp.tolist() == [0, 1, 0, 1, 1, 0]
+    assert (step - step[0]).tolist() == [0, 0, 1, 3, 5, 6]
+    assert music.from_scale(step, sharp).tolist() == [60, 61, 62, 66, 70, 71]
 
 
 def test_rests_are_held_and_training_windows_have_none():
@@ -64,7 +79,7 @@ def test_rests_are_held_and_training_windows_have_none():
 def test_denoiser_takes_the_window(tiny):
     denoiser, _ = tiny
     assert music.is_chorale_model(denoiser)
-    out = denoiser(torch.randn(3, *music.SHAPE), torch.tensor([0, 5, 19]))
+    out = denoiser(torch.randn(3, *music.SHAPE), torch.tensor([0, 5, 19]))  # (3, 8, 64)
     assert out.shape == (3, *music.SHAPE)
 
 

@@ -485,7 +485,7 @@ def soprano_mask(n: int = 1, steps: int = WINDOW) -> "torch.Tensor":
     return mask
 
 
-def harmonise(denoiser, sopranos, seed: int = 0, sampler: str = "dpm++2m", steps: int = 50, resample: int = 1,
+def harmonise(denoiser, sopranos, seed: int = 0, sampler: str = "dpm++2m", steps: int = 20, resample: int = 1,
               batch_size: int = 256) -> np.ndarray:
     """Alto, tenor and bass under given soprano lines, by inpainting: (N, steps) or (N, 4, steps) pitches in, whose
     soprano is kept exactly; int16 (N, 4, steps) out. The other voices of a (N, 4, steps) input are ignored."""
@@ -505,7 +505,7 @@ def harmonise(denoiser, sopranos, seed: int = 0, sampler: str = "dpm++2m", steps
     return out
 
 
-def compose(denoiser, n: int, seed: int = 0, sampler: str = "dpm++2m", steps: int = 50,
+def compose(denoiser, n: int, seed: int = 0, sampler: str = "dpm++2m", steps: int = 20,
             batch_size: int = 256) -> np.ndarray:
     """n unconditional 4-bar fragments: int16 (n, 4, steps) pitches."""
     from .sample import generate
@@ -831,7 +831,7 @@ def sample_command(denoiser, args, checkpoint_file: str, sha256: str | None) -> 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def compare(denoiser, seeds=(0, 1, 2), n: int | None = None, steps: int = 50, chorales: Chorales | None = None,
+def compare(denoiser, seeds=(0, 1, 2), n: int | None = None, steps: int = 20, chorales: Chorales | None = None,
             progress=None) -> dict:
     """Harmonise every held-out soprano (or the first n windows) and compose as many fragments, once per seed; score
     them and both baselines (given the same sopranos) against the held-out windows with `evaluate`.

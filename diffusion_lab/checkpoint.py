@@ -24,7 +24,8 @@ from .utils import atomic_write_bytes
 
 class Shipped(NamedTuple):
     sha256: str   # of checkpoints/<name>.safetensors
-    kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set)
+    kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set),
+                  # "chorales" (chapter 11's Bach model: also sampled by diffusion_lab.sample, writing `rolls`)
 
 
 # name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.
@@ -32,6 +33,7 @@ SHIPPED: dict[str, Shipped] = {
     "mnist-classifier": Shipped("1e438f92dc9de1f4643ee20a4909c98ef1201ab9b09d9f3137c2f7e8385a16db", "classifier"),
     "mnist-cond": Shipped("d244664377cbaed1ade1ef569d540ebf65a51d3707fd452b32f5110faaf77734", "diffusion"),
     "ch05-denoisers": Shipped("06ec96a2ba99cb2efe0c6a58ed99e3a01fe4ef0757ec9a35ca26e310b9978e73", "denoisers"),
+    "bach-chorales": Shipped("073a59d0d2d71e3ba2fb8deea02ca4a1000dc3d0067e19716fc00b5b67f8d659", "chorales"),  # chapter 11
 }
 
 CHECKPOINT_ENV = "DIFFUSION_LAB_CHECKPOINTS"

@@ -7,6 +7,13 @@
   cut fixed-length windows;
 - `encode` / `decode` (a one-hot piano roll, voices as channels) and `encode_pitch` / `decode_pitch`
   (one continuous pitch per voice and step), and `compare_representations`, which measures the two.
+- the model: `to_signal` / `from_signal` (the code it learns: a position on the C major scale plus a "raised"
+  flag per voice), `chorale_denoiser` (the package UNet, 1-D), `train_chorales` (training.fit), `compose` and
+  `harmonise` (sample.generate, the soprano as a known region), `parse_melody` (a typed melody);
+- evaluation: `evaluate` (key, ranges, crossings, parallel fifths and octaves, note lengths), the baselines
+  `random_notes` and `MarkovVoices`, and `compare` (the model against both and held-out Bach, over seeds);
+- listening: `synthesise` (a numpy organ), `wav_bytes`, `midi_bytes`; and `sample_command`, which
+  `python -m diffusion_lab.sample` calls for a chorale checkpoint.
 
 A chorale is an int16 array `pitches` of shape (4, steps): MIDI note numbers, voices ordered S, A, T, B,
 one 16th note per step, REST (-1) where a voice is silent.

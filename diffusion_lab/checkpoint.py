@@ -25,6 +25,8 @@ from .utils import atomic_write_bytes
 class Shipped(NamedTuple):
     sha256: str   # of checkpoints/<name>.safetensors
     kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set), "lora"
+    kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set),
+                  # "chorales" (chapter 11's Bach model: also sampled by diffusion_lab.sample, writing `rolls`)
 
 
 # name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.
@@ -34,6 +36,7 @@ SHIPPED: dict[str, Shipped] = {
     "ch05-denoisers": Shipped("06ec96a2ba99cb2efe0c6a58ed99e3a01fe4ef0757ec9a35ca26e310b9978e73", "denoisers"),
     # chapter 09: a LoRA adapter for mnist-cond (diffusion_lab.lora; loaded with --lora, never on its own)
     "typeset-lora": Shipped("a3f2571bd517549f0de24e405833f0d8b9bc4feb3d8f6d54ad7a7ae8396e0179", "lora"),
+    "bach-chorales": Shipped("073a59d0d2d71e3ba2fb8deea02ca4a1000dc3d0067e19716fc00b5b67f8d659", "chorales"),  # chapter 11
 }
 
 CHECKPOINT_ENV = "DIFFUSION_LAB_CHECKPOINTS"

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data, lora
+from . import data, lora, music
 from .checkpoint import SHIPPED, CheckpointError, resolve_checkpoint
 from .conditioning import guided, style_code
 from .denoiser import load_denoiser
@@ -224,6 +224,11 @@ def _parser() -> argparse.ArgumentParser:
     # editing (chapter 09): a LoRA style adapter merged into the base model
     p.add_argument("--lora", default=None,
                    help="a LoRA (shipped name such as typeset-lora, or a path) trained on exactly this --checkpoint")
+    # music (chapter 11): a chorale model writes `rolls` int16 (N, 4, steps) of MIDI pitches, -1 = rest, S A T B
+    p.add_argument("--soprano-from", choices=["test"], default=None,
+                   help="chorale models: harmonise held-out Bach sopranos (alto, tenor, bass generated)")
+    p.add_argument("--midi", default=None, help="chorale models: also write one MIDI file per sample into this folder")
+    p.add_argument("--wav", default=None, help="chorale models: also write one WAV file per sample into this folder")
     return p
 
 
@@ -264,6 +269,8 @@ def run(args) -> dict:
     denoiser = load_denoiser(args.checkpoint, device=args.device)
     if args.lora:  # chapter 09: refused unless the LoRA was trained on this very file (its SHA-256)
         denoiser = lora.with_lora(denoiser, args.lora, base_sha256=expected_sha or file_sha256(path))
+    if music.is_chorale_model(denoiser) or args.soprano_from or args.midi is not None or args.wav is not None:
+        return music.sample_command(denoiser, args, path, expected_sha)
     if len(denoiser.shape) != 3 or denoiser.shape[0] != 1:
         raise ValueError(f"this command writes grey-scale images (1, H, W); {args.checkpoint} makes samples of shape "
                          f"{denoiser.shape}: sample it with diffusion_lab.sample.generate")

@@ -33,7 +33,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import diffusion_lab
-from diffusion_lab import edit, lora, metrics, sample, training
+from diffusion_lab import edit, lora, metrics, music, sample, training
+from diffusion_lab.denoiser import save_denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -88,6 +89,8 @@ def inputs(tmp_path_factory) -> Path:
     np.savez(folder / "digits-float.npz", images=digits.astype(np.float32))
     np.savez(folder / "mask.npz", mask=np.ones((1, 28, 28), np.uint8))
     np.savez(folder / "mask-3.npz", mask=np.ones((3, 28, 28), np.uint8))
+    torch.manual_seed(0)  # an untrained chorale model (chapter 11): the same CLI writes `rolls` for it
+    save_denoiser(folder / "chorales.safetensors", music.chorale_denoiser(channels=(8, 16, 16), T=20))
     return folder
 
 
@@ -156,8 +159,20 @@ def _complete(path: Path, kind: str) -> None:
     if kind == "npz":
         with np.load(path, allow_pickle=False) as f:
             arrays = {k: f[k] for k in f.files}  # reads every member: a cut-off zip fails here
-        assert arrays["images"].dtype == np.uint8 and arrays["images"].ndim == 3
-        assert len(arrays["labels"]) == len(arrays["images"])
+        if "rolls" in arrays:  # a chorale model's (N, 4, steps) MIDI pitches
+            assert arrays["rolls"].dtype == np.int16 and arrays["rolls"].shape[1] == 4
+        else:
+            assert arrays["images"].dtype == np.uint8 and arrays["images"].ndim == 3
+            assert len(arrays["labels"]) == len(arrays["images"])
+    elif kind == "folder":  # one file per sample: MIDI or WAV, each whole
+        if path.suffix == ".mid":
+            blob = path.read_bytes()
+            assert blob.startswith(b"MThd") and blob.endswith(b"\x00\xff\x2f\x00")
+        else:
+            import wave
+
+            with wave.open(str(path)) as f:
+                assert len(f.readframes(f.getnframes())) == 2 * f.getnframes()
     elif kind == "safetensors":
         from safetensors.torch import load_file
 
@@ -217,11 +232,13 @@ def run_cli(module: str, argv: list[str], inputs: Path, outputs: dict[str, str],
         parsed = _last_values(argv)
         targets = {(work / parsed[flag]).resolve(): kind for flag, kind in outputs.items()
                    if parsed.get(flag) not in (None, "")}
+        folders = [t for t, kind in targets.items() if kind == "folder"]
         after = _snapshot(work)
         for path, blob in after.items():
             assert not path.name.endswith((".tmp", ".lock")), f"left behind: {path.name}\n{shown}"
-            if path.resolve() in targets and before.get(path) != blob:
-                _complete(path, targets[path.resolve()])  # an output: absent, untouched or whole, never half
+            in_folder = any(f in path.resolve().parents for f in folders) and path.suffix in (".mid", ".wav")
+            if (path.resolve() in targets or in_folder) and before.get(path) != blob:
+                _complete(path, "folder" if in_folder else targets[path.resolve()])  # whole, never half
             else:
                 assert before.get(path) == blob, f"{path.name} was changed by a run that did not write it\n{shown}"
         assert all(p in after for p in before), f"a file was deleted\n{shown}"
@@ -259,7 +276,7 @@ BAD_CHECKPOINTS = ["no-such-model", CLASSIFIER_FILE, *map(_inputs_path, MALFORME
 
 # (typical, edge) values of the flags whose generic values would not do: files, and amounts of work kept tiny
 SAMPLE = {
-    "--checkpoint": ([TINY, "mnist-cond"], BAD_CHECKPOINTS),
+    "--checkpoint": ([TINY, "mnist-cond", _inputs_path("chorales.safetensors")], BAD_CHECKPOINTS),
     "--n": (["1", "3"], ["0", "-2", "x"]),                     # tiny: the fuzz checks arguments, not throughput
     "--steps": (["1", "2", "3"], ["0", "-1", "1000000", "x"]),
     "--labels": (["cycle", "random", "3", "3,5,8"], ["none", "10", "-1", "x", "", "3,,5", "0,1,2,3,4,5,6,7,8,9,0"]),
@@ -269,7 +286,10 @@ SAMPLE = {
     "--device": (["cpu", "auto"], ["nonsense", "cuda:7"]),
     "--lora": (["", _inputs_path("tiny-lora.safetensors")],
                ["typeset-lora", _inputs_path("other-lora.safetensors"), TINY, "no-such-lora", *BAD_CHECKPOINTS[2:5]]),
+    "--midi": (["mid", "."], ["existing.npz", "existing.npz/sub", ""]),
+    "--wav": (["wav", "sub/wav"], ["existing.npz", ""]),
 }
+SAMPLE_OUTPUTS = {"--out": "npz", "--grid": "png", "--midi": "folder", "--wav": "folder"}
 
 
 @fuzz_settings(300)
@@ -284,11 +304,16 @@ SAMPLE = {
                "--out", "existing.npz"])
 @example(argv=["--checkpoint", CLASSIFIER_FILE, "--n", "2", "--steps", "2", "--out", "s.npz"])
 @example(argv=["--n", "2", "--steps", "2"])  # --out missing
+@example(argv=["--checkpoint", _inputs_path("chorales.safetensors"), "--n", "2", "--steps", "2", "--out", "c.npz",
+               "--soprano-from", "test", "--midi", "mid", "--wav", "sub/wav", "--quiet"])
+@example(argv=["--checkpoint", _inputs_path("chorales.safetensors"), "--n", "2", "--steps", "2", "--out", "c.npz",
+               "--midi", "existing.npz/sub"])
 def test_sample_cli(inputs, argv):
-    status, _ = run_cli("diffusion_lab.sample", argv, inputs, {"--out": "npz", "--grid": "png"},
-                        seed_files=["existing.npz"])
-    if argv == ["--checkpoint", _inputs_path("tiny.safetensors"), "--n", "2", "--steps", "2", "--out", "s.npz",
-                "--grid", "g.png", "--quiet"]:
+    status, _ = run_cli("diffusion_lab.sample", argv, inputs, SAMPLE_OUTPUTS, seed_files=["existing.npz"])
+    if argv in (["--checkpoint", _inputs_path("tiny.safetensors"), "--n", "2", "--steps", "2", "--out", "s.npz",
+                 "--grid", "g.png", "--quiet"],
+                ["--checkpoint", _inputs_path("chorales.safetensors"), "--n", "2", "--steps", "2", "--out", "c.npz",
+                 "--soprano-from", "test", "--midi", "mid", "--wav", "sub/wav", "--quiet"]):
         assert status == 0  # the space holds successful runs too, so "always an error" would not pass
 
 

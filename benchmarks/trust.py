@@ -43,9 +43,9 @@ from diffusion_lab.training import NonFiniteError, TrainConfig, train  # noqa: E
 PRESETS = {
     "smoke": dict(mem_sizes=[20, 60], mem_steps=3, n_samples=20, stab_steps=3, seeds=[0, 1], lr_factors=[0.25, 4.0],
                   batch_size=8, channels=[8, 16, 16], gan_width=8, ddim_steps=2, n_fid=50),
-    "cpu": dict(mem_sizes=[100, 1000, 10000, 60000], mem_steps=1200, n_samples=200, stab_steps=400,
+    "cpu": dict(mem_sizes=[100, 1000, 10000, 60000], mem_steps=800, n_samples=200, stab_steps=250,
                 seeds=[0, 1, 2, 3, 4], lr_factors=[0.25, 0.5, 2.0, 4.0], batch_size=32, channels=[16, 32, 32],
-                gan_width=32, ddim_steps=20, n_fid=500),
+                gan_width=32, ddim_steps=10, n_fid=300),
 }
 HEADLINE = "python benchmarks/trust.py --preset cpu --threads 1"
 COPY_RATIO = 1 / 3          # d1 / d2 below this: a copy of the nearest training digit

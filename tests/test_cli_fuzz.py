@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import diffusion_lab
-from diffusion_lab import metrics, sample, training
+from diffusion_lab import metrics, sample, training, watermark
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,6 +42,7 @@ CLIS = {
     "diffusion_lab.sample": (sample.main, sample._parser),
     "diffusion_lab.train": (training.main, training._parser),
     "diffusion_lab.metrics": (metrics.main, metrics._parser),
+    "diffusion_lab.watermark": (watermark.main, watermark._parser),
 }
 
 
@@ -74,6 +75,10 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "folder.safetensors").mkdir()
     shutil.copyfile(tiny, folder / "existing.safetensors")  # a run to resume (or to refuse to resume)
     np.savez(folder / "existing.npz", images=np.zeros((2, 28, 28), np.uint8), labels=np.zeros(2, np.int64))
+    np.savez(folder / "wrong-shape.npz", images=np.zeros((2, 32, 32), np.uint8))     # for watermark detect
+    np.savez(folder / "float-images.npz", images=np.zeros((2, 28, 28), np.float32))
+    np.savez(folder / "no-images.npz", labels=np.zeros(2, np.int64))
+    (folder / "garbage.npz").write_bytes(b"PK\x03\x04" + bytes(100))
     return folder
 
 
@@ -148,6 +153,8 @@ def _complete(path: Path, kind: str) -> None:
         from safetensors.torch import load_file
 
         assert load_file(path)
+    elif kind == "json":
+        assert isinstance(json.loads(path.read_text())["p_values"], list)
     elif kind == "png":
         from PIL import Image
 
@@ -253,6 +260,7 @@ SAMPLE = {
     "--out": (["s.npz", "existing.npz"], ["sub/s.npz", "no-such-folder/s.npz", "s.txt", "", "."]),
     "--grid": (["g.png"], ["g.jpg", "sub/g.png", "", "."]),
     "--device": (["cpu", "auto"], ["nonsense", "cuda:7"]),
+    "--watermark": (["3f9a1c2e"], ["xyz", "", "3f9a", "g" * 8, "0" * 65]),
 }
 
 
@@ -366,3 +374,40 @@ def metrics_argvs(draw):
 def test_metrics_cli(inputs, argv):
     status, _ = run_cli("diffusion_lab.metrics", argv, inputs, {"--out": "safetensors"})
     assert status in (1, 2)  # the space holds no valid run: each would train or evaluate on all of MNIST
+
+
+WATERMARK = {
+    "--in": ([_inputs_path("existing.npz")], [_inputs_path(n) for n in ("wrong-shape.npz", "float-images.npz",
+                                                                         "no-images.npz", "garbage.npz")]
+             + ["missing.npz", ".", ""]),
+    "--key": (["3f9a1c2e", "DEADBEEF00"], ["xyz", "", "3f9a", "3f9a1c2e" * 9, "g" * 8]),
+    "--checkpoint": ([TINY, "mnist-cond"], BAD_CHECKPOINTS),
+    "--steps": (["1", "2"], ["0", "-1", "1000000", "x"]),
+    "--out": (["p.json"], ["sub/p.json", "", "."]),
+    "--device": (["cpu"], ["nonsense", "cuda:7"]),
+}
+
+
+@st.composite
+def watermark_argvs(draw):
+    commands = next(a for a in watermark._parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    name = draw(st.sampled_from([*commands, "bogus"]))
+    if name == "bogus":
+        return [name]
+    return [name, *draw(argvs(commands[name], WATERMARK, always=("--in", "--key", "--steps")))]
+
+
+GOOD_DETECT = ["detect", "--in", _inputs_path("existing.npz"), "--key", "3f9a1c2e", "--checkpoint", TINY,
+               "--steps", "2", "--out", "p.json", "--device", "cpu"]
+
+
+@fuzz_settings(80)
+@given(argv=watermark_argvs())
+@example(argv=GOOD_DETECT)
+@example(argv=["detect", "--in", _inputs_path("wrong-shape.npz"), "--key", "3f9a1c2e", "--steps", "1"])
+@example(argv=["detect", "--in", "missing.npz", "--key", "3f9a1c2e", "--steps", "1"])
+@example(argv=["detect", "--in", _inputs_path("existing.npz"), "--key", "not-hex!", "--steps", "1"])
+def test_watermark_cli(inputs, argv):
+    status, stdout = run_cli("diffusion_lab.watermark", argv, inputs, {"--out": "json"})
+    if argv == GOOD_DETECT:
+        assert status == 0 and len(json.loads(stdout)["p_values"]) == 2

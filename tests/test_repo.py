@@ -56,13 +56,14 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "denoiser": {"utils", "schedules", "checkpoint", "unet", "mlp", "baselines"},
     "training": {"utils", "schedules", "losses", "checkpoint", "data", "unet", "conditioning", "denoiser"},
     # entry points and the package root sit on top
-    "sample": {"utils", "checkpoint", "conditioning", "data", "denoiser", "metrics", "samplers"},
+    "sample": {"utils", "checkpoint", "conditioning", "data", "denoiser", "metrics", "samplers", "watermark"},
     "train": {"training"},
     # Part III/IV: one module per idea, above the core
     "music": {"data", "utils"},  # chapter 11: Bach chorales (data.default_root, utils' verified cache)
     "__init__": {"utils"},
     # Parts III and IV: one module per idea, above the core
     "video": {"data", "utils"},  # chapter 12's Moving MNIST, made from data.mnist
+    "watermark": {"checkpoint", "data", "denoiser", "samplers", "utils"},  # chapter 14: Tree-Ring marks in x_T
     # leaves: nothing imports them
     "plotting": {"schedules", "utils"},
     "widgets": {"conditioning", "data", "plotting", "sample", "schedules"},

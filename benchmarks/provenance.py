@@ -36,8 +36,8 @@ from diffusion_lab.denoiser import load_denoiser  # noqa: E402
 from diffusion_lab.sample import generate  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(n=10, detect_steps=2, sample_steps=2, n_detector=20, detector_steps=5),
-    "cpu": dict(n=200, detect_steps=10, sample_steps=20, n_detector=600, detector_steps=400),
+    "smoke": dict(n=10, detect_steps=2, sample_steps=2, n_detector=20, detector_steps=5, step_sweep=[1, 2]),
+    "cpu": dict(n=200, detect_steps=4, sample_steps=20, n_detector=600, detector_steps=400, step_sweep=[2, 4, 10, 20]),
 }
 HEADLINE = "python benchmarks/provenance.py --preset cpu --threads 1"
 KEY, WRONG_KEY = "3f9a1c2e5b7d", "0c4e8a2f6d1b"
@@ -124,6 +124,9 @@ def render(result: dict) -> str:
               f"Quality, marked vs unmarked: conditional accuracy {fmt(q['marked']['conditional_accuracy'])} vs "
               f"{fmt(q['clean']['conditional_accuracy'])}; classifier-FID {fmt(q['marked']['classifier_fid'])} vs "
               f"{fmt(q['clean']['classifier_fid'])} (against {q['n_reference']} test digits).", ""]
+    lines += ["Inversion steps at detection (no attack): " + "; ".join(
+        f"{k} steps: detected {fmt(v['tpr_at_alpha'])}, false positives {fmt(v['fpr_at_alpha'])}"
+        for k, v in result["step_sweep"].items()) + ".", ""]
     d = result["detector"]
     lines += [f"Real vs generated: a small CNN trained on {fmt(int(0.8 * (d['n_generated'] + d['n_real'])))} digits "
               f"tells the held-out {d['n_test']} apart with accuracy {fmt(d['test_accuracy'])} "
@@ -171,12 +174,18 @@ def main(argv=None) -> dict:
         p_values[name] = {"marked": pm.tolist(), "clean": pc.tolist()}
         print(f"{name}: {attacks[name]['tpr_at_alpha']:.3f} detected at {time.perf_counter() - start:.0f} s", flush=True)
     wrong = watermark.detect(denoiser, marked, WRONG_KEY, p["detect_steps"]).numpy()
+    step_sweep = {}
+    for steps in p["step_sweep"]:   # how many inversion steps detection should take
+        pm = watermark.detect(denoiser, marked, KEY, steps).numpy()
+        pc = watermark.detect(denoiser, clean, KEY, steps).numpy()
+        step_sweep[str(steps)] = {"tpr_at_alpha": float((pm < watermark.ALPHA).mean()),
+                                  "fpr_at_alpha": float((pc < watermark.ALPHA).mean())}
     detector = real_vs_generated(clean_all[: p["n_detector"]], test_images[: p["n_detector"]], p["detector_steps"])
     result = {"preset_name": args.preset, "preset": p, "machine": machine, "checkpoint": args.checkpoint,
               "command": f"python benchmarks/provenance.py {' '.join(argv if argv is not None else sys.argv[1:])}",
               "radii": list(watermark.RADII), "attacks": attacks, "p_values": p_values,
               "wrong_key": {"flagged_at_alpha": float((wrong < watermark.ALPHA).mean()), "p_values": wrong.tolist()},
-              "quality": quality, "detector": detector, "total_wall_s": time.perf_counter() - start}
+              "quality": quality, "detector": detector, "step_sweep": step_sweep, "total_wall_s": time.perf_counter() - start}
     write_results(args.out, result, render(result))
     return result
 

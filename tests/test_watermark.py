@@ -58,12 +58,13 @@ def model():
 def test_detection_through_the_model(model):
     labels = torch.arange(12) % 10
     x_T = watermark.watermarked_noise(12, KEY, model.shape, seed=3)
-    marked = data.from_unit_range(sample.generate(model, labels, sampler="ddim", steps=10, x_T=x_T))[:, 0]
-    clean = data.from_unit_range(sample.generate(model, labels, sampler="ddim", steps=10, seed=4))[:, 0]
-    p_marked = watermark.detect(model, marked, KEY, steps=10)
-    assert (p_marked < watermark.ALPHA).float().mean() >= 0.75
-    assert (watermark.detect(model, clean, KEY, steps=10) >= watermark.ALPHA).all()
-    assert (watermark.detect(model, marked, OTHER, steps=10) >= watermark.ALPHA).float().mean() >= 0.9
+    options = dict(sampler="dpm++2m", steps=10, guidance=2.0)        # the sampling command's choices, fewer steps
+    marked = data.from_unit_range(sample.generate(model, labels, x_T=x_T, **options))[:, 0]
+    clean = data.from_unit_range(sample.generate(model, labels, seed=4, **options))[:, 0]
+    p_marked = watermark.detect(model, marked, KEY)
+    assert (p_marked < watermark.ALPHA).float().mean() >= 0.8
+    assert (watermark.detect(model, clean, KEY) >= watermark.ALPHA).all()
+    assert (watermark.detect(model, marked, OTHER) >= watermark.ALPHA).float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("name,strength", [("noise", 10.0), ("blur", 1.0), ("shift", 2), ("crop", 2), ("quantise", 4)])
@@ -84,8 +85,7 @@ def test_unknown_attack_is_named():
 
 
 def test_cli_sample_then_detect_in_input_order(tmp_path, capsys):
-    common = ["--checkpoint", "mnist-cond", "--n", "6", "--steps", "10", "--sampler", "ddim", "--guidance", "1",
-              "--device", "cpu", "--quiet"]
+    common = ["--checkpoint", "mnist-cond", "--n", "6", "--steps", "10", "--device", "cpu", "--quiet"]
     assert sample.main([*common, "--out", str(tmp_path / "w.npz"), "--watermark", KEY, "--seed", "5"]) == 0
     assert sample.main([*common, "--out", str(tmp_path / "c.npz"), "--seed", "6"]) == 0
     with np.load(tmp_path / "w.npz") as f:
@@ -96,7 +96,7 @@ def test_cli_sample_then_detect_in_input_order(tmp_path, capsys):
     mixed = np.concatenate([w[:3], c[:3], w[3:]])                    # marked, clean, marked
     np.savez(tmp_path / "mixed.npz", images=mixed)
     capsys.readouterr()
-    assert watermark.main(["detect", "--in", str(tmp_path / "mixed.npz"), "--key", KEY, "--steps", "10",
+    assert watermark.main(["detect", "--in", str(tmp_path / "mixed.npz"), "--key", KEY,
                            "--out", str(tmp_path / "p.json"), "--device", "cpu"]) == 0
     printed = json.loads(capsys.readouterr().out)
     written = json.loads((tmp_path / "p.json").read_text())

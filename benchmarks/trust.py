@@ -13,7 +13,8 @@ Stability. Diffusion (the same UNet recipe) and chapter 01's DCGAN (diffusion_la
 steps at the same batch size, over several seeds at each model's base learning rate, and over a learning-rate
 sweep (x1/4 .. x4, one seed). We record the final classifier-FID against held-out test digits, how many classes
 the samples cover, loss spikes (a step whose loss exceeds the median of the previous 50 by more than 6 median
-absolute deviations) and divergences (a non-finite loss, or samples covering fewer than 5 classes: collapse).
+absolute deviations) and failures (a non-finite loss, or samples covering fewer than 5 classes: a divergence, a
+collapse, or a model that has not learned the digits yet; the record's key is "diverged").
 
 Every finished run is saved at once into the result JSON, so a killed run resumes where it stopped:
 
@@ -217,13 +218,13 @@ def render(result: dict) -> str:
               "against test digits.", ""]
     rows = [[r["model"], r["seed"], r["lr_factor"], r["fid"], r["classes_covered"], r["spikes"], r["diverged"],
              r["seconds"]] for r in result["stability"].values()]
-    lines += [markdown_table(["model", "seed", "lr factor", "FID", "classes covered", "loss spikes", "diverged",
+    lines += [markdown_table(["model", "seed", "lr factor", "FID", "classes covered", "loss spikes", "failed",
                               "seconds"], rows), ""]
     if result.get("summary"):
         rows = [[m, s["seeds"], s["fid_mean"], s["fid_std"], s["fid_min"], s["fid_max"], s["spikes_mean"],
                  s["diverged_seeds"], f"{s['diverged_sweep']} / {s['sweep_runs']}"] for m, s in result["summary"].items()]
         lines += [markdown_table(["model", "seeds", "FID mean", "FID std", "FID min", "FID max", "spikes (mean)",
-                                  "diverged seeds", "diverged (all runs)"], rows)]
+                                  "failed seeds", "failed (all runs)"], rows)]
     return "\n".join(lines)
 
 

@@ -229,6 +229,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="chorale models: harmonise held-out Bach sopranos (alto, tenor, bass generated)")
     p.add_argument("--midi", default=None, help="chorale models: also write one MIDI file per sample into this folder")
     p.add_argument("--wav", default=None, help="chorale models: also write one WAV file per sample into this folder")
+    # provenance (chapter 14): a Tree-Ring watermark in the starting noise
+    p.add_argument("--watermark", default=None, metavar="KEY",
+                   help="embed a Tree-Ring mark with this key (8-64 hex digits); find it with "
+                        "python -m diffusion_lab.watermark detect")
     return p
 
 
@@ -286,11 +290,13 @@ def run(args) -> dict:
         labels = parse_labels(args.labels, args.n, args.seed)
     style = style_request(denoiser, args.slant, args.thickness, args.n)
 
+    from .watermark import sample_noise  # chapter 14: the key's mark in x_T, or None
+    x_T = sample_noise(denoiser, args)
     bar = tqdm(total=args.n, desc=f"{args.sampler} x{args.steps}", unit="img", disable=args.quiet, dynamic_ncols=True)
     start = time.perf_counter()
     images = generate(denoiser, labels, style, n=args.n, sampler=args.sampler, steps=args.steps,
                       guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
-                      clip_x0=args.clip_x0, bar=bar)
+                      clip_x0=args.clip_x0, bar=bar, x_T=x_T)
     seconds = time.perf_counter() - start
     bar.close()
     images_uint8 = data.from_unit_range(images)[:, 0]                         # (N, H, W) uint8
@@ -303,7 +309,7 @@ def run(args) -> dict:
             "seed": args.seed, "n": args.n, "labels": args.labels, "slant": args.slant, "thickness": args.thickness,
             "prediction": denoiser.prediction, "schedule": denoiser.schedule.name, "T": denoiser.schedule.T,
             "device": str(denoiser.device), "seconds": round(seconds, 3),
-            "ms_per_image": round(1000 * seconds / args.n, 3)}
+            "ms_per_image": round(1000 * seconds / args.n, 3), "watermarked": x_T is not None}
     buffer = io.BytesIO()
     np.savez(buffer, images=images_uint8.numpy(), labels=labels_out.numpy().astype(np.int64),
              meta=np.array(json.dumps(meta)))

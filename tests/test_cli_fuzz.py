@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import diffusion_lab
-from diffusion_lab import edit, lora, metrics, music, sample, training
+from diffusion_lab import edit, lora, metrics, music, sample, training, watermark
 from diffusion_lab.denoiser import save_denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -44,6 +44,7 @@ CLIS = {
     "diffusion_lab.train": (training.main, training._parser),
     "diffusion_lab.metrics": (metrics.main, metrics._parser),
     "diffusion_lab.edit": (edit.main, edit._parser),
+    "diffusion_lab.watermark": (watermark.main, watermark._parser),
 }
 
 
@@ -91,6 +92,10 @@ def inputs(tmp_path_factory) -> Path:
     np.savez(folder / "mask-3.npz", mask=np.ones((3, 28, 28), np.uint8))
     torch.manual_seed(0)  # an untrained chorale model (chapter 11): the same CLI writes `rolls` for it
     save_denoiser(folder / "chorales.safetensors", music.chorale_denoiser(channels=(8, 16, 16), T=20))
+    np.savez(folder / "wrong-shape.npz", images=np.zeros((2, 32, 32), np.uint8))     # for watermark detect
+    np.savez(folder / "float-images.npz", images=np.zeros((2, 28, 28), np.float32))
+    np.savez(folder / "no-images.npz", labels=np.zeros(2, np.int64))
+    (folder / "garbage.npz").write_bytes(b"PK\x03\x04" + bytes(100))
     return folder
 
 
@@ -177,6 +182,8 @@ def _complete(path: Path, kind: str) -> None:
         from safetensors.torch import load_file
 
         assert load_file(path)
+    elif kind == "json":
+        assert isinstance(json.loads(path.read_text())["p_values"], list)
     elif kind == "png":
         from PIL import Image
 
@@ -288,6 +295,7 @@ SAMPLE = {
                ["typeset-lora", _inputs_path("other-lora.safetensors"), TINY, "no-such-lora", *BAD_CHECKPOINTS[2:5]]),
     "--midi": (["mid", "."], ["existing.npz", "existing.npz/sub", ""]),
     "--wav": (["wav", "sub/wav"], ["existing.npz", ""]),
+    "--watermark": (["3f9a1c2e"], ["xyz", "", "3f9a", "g" * 8, "0" * 65]),
 }
 SAMPLE_OUTPUTS = {"--out": "npz", "--grid": "png", "--midi": "folder", "--wav": "folder"}
 
@@ -428,6 +436,18 @@ EDIT = {
 }
 
 
+WATERMARK = {
+    "--in": ([_inputs_path("existing.npz")], [_inputs_path(n) for n in ("wrong-shape.npz", "float-images.npz",
+                                                                         "no-images.npz", "garbage.npz")]
+             + ["missing.npz", ".", ""]),
+    "--key": (["3f9a1c2e", "DEADBEEF00"], ["xyz", "", "3f9a", "3f9a1c2e" * 9, "g" * 8]),
+    "--checkpoint": ([TINY, "mnist-cond"], BAD_CHECKPOINTS),
+    "--steps": (["1", "2"], ["0", "-1", "1000000", "x"]),
+    "--out": (["p.json"], ["sub/p.json", "", "."]),
+    "--device": (["cpu"], ["nonsense", "cuda:7"]),
+}
+
+
 @st.composite
 def edit_argvs(draw):
     command = draw(st.sampled_from(["sdedit", "inpaint", "invert", "bogus"]))
@@ -466,3 +486,28 @@ def test_edit_cli_refusals(inputs, tmp_path, case):
         edit.main([*argv, "--in", str(inputs / "digits.npz"), "--steps", "2", "--out", str(out)])
     assert message in str(refused.value.code) and str(refused.value.code).startswith("error: ")
     assert "\n" not in str(refused.value.code) and not out.exists()
+
+
+@st.composite
+def watermark_argvs(draw):
+    commands = next(a for a in watermark._parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    name = draw(st.sampled_from([*commands, "bogus"]))
+    if name == "bogus":
+        return [name]
+    return [name, *draw(argvs(commands[name], WATERMARK, always=("--in", "--key", "--steps")))]
+
+
+GOOD_DETECT = ["detect", "--in", _inputs_path("existing.npz"), "--key", "3f9a1c2e", "--checkpoint", TINY,
+               "--steps", "2", "--out", "p.json", "--device", "cpu"]
+
+
+@fuzz_settings(80)
+@given(argv=watermark_argvs())
+@example(argv=GOOD_DETECT)
+@example(argv=["detect", "--in", _inputs_path("wrong-shape.npz"), "--key", "3f9a1c2e", "--steps", "1"])
+@example(argv=["detect", "--in", "missing.npz", "--key", "3f9a1c2e", "--steps", "1"])
+@example(argv=["detect", "--in", _inputs_path("existing.npz"), "--key", "not-hex!", "--steps", "1"])
+def test_watermark_cli(inputs, argv):
+    status, stdout = run_cli("diffusion_lab.watermark", argv, inputs, {"--out": "json"})
+    if argv == GOOD_DETECT:
+        assert status == 0 and len(json.loads(stdout)["p_values"]) == 2

@@ -56,7 +56,8 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "denoiser": {"utils", "schedules", "checkpoint", "unet", "mlp", "baselines"},
     "training": {"utils", "schedules", "losses", "checkpoint", "data", "unet", "conditioning", "denoiser"},
     # entry points and the package root sit on top
-    "sample": {"utils", "checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "samplers", "music"},
+    "sample": {"utils", "checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "samplers", "music",
+               "watermark"},
     "train": {"training"},
     # Part III/IV: one module per idea, above the core
     # chapter 11: Bach chorales (data.default_root, utils' verified cache); its model is fit's UNet, sampled by
@@ -65,10 +66,8 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "__init__": {"utils"},
     # Parts III and IV: one module per idea, above the core
     "video": {"data", "utils"},  # chapter 12's Moving MNIST, made from data.mnist
-    # chapter 09: LoRA adapters (files carry the base's SHA-256); editing real digits (SDEdit, inpainting, inversion)
-    "lora": {"checkpoint"},
-    "edit": {"checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "sample", "samplers", "schedules",
-             "utils"},
+    "sample": {"utils", "checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "samplers", "music",
+               "watermark"},
     # leaves: nothing imports them
     "plotting": {"schedules", "utils"},
     "widgets": {"conditioning", "data", "plotting", "sample", "schedules"},

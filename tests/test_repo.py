@@ -66,8 +66,11 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "__init__": {"utils"},
     # Parts III and IV: one module per idea, above the core
     "video": {"data", "utils"},  # chapter 12's Moving MNIST, made from data.mnist
-    "sample": {"utils", "checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "samplers", "music",
-               "watermark"},
+    # chapter 09: LoRA adapters (files carry the base's SHA-256); editing real digits (SDEdit, inpainting, inversion)
+    "lora": {"checkpoint"},
+    "edit": {"checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "sample", "samplers", "schedules",
+             "utils"},
+    "watermark": {"checkpoint", "data", "denoiser", "samplers", "utils"},  # chapter 14: Tree-Ring marks in x_T
     # leaves: nothing imports them
     "plotting": {"schedules", "utils"},
     "widgets": {"conditioning", "data", "plotting", "sample", "schedules"},

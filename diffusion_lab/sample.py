@@ -218,6 +218,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or e.g. cpu, cuda:0")
     p.add_argument("--slant", type=float, default=None, help="style request: slant (shear; 0 = upright, >0 leans right)")
     p.add_argument("--thickness", type=float, default=None, help="style request: stroke width in pixels")
+    # text-to-image (chapter 10, diffusion_lab.tiny_sd): prompts instead of --labels
+    p.add_argument("--prompt", default=None, help="text-to-image models (tiny-sd): one prompt for all --n images, "
+                   "e.g. 'a thick slanted seven'")
+    p.add_argument("--prompts", default=None, help="text-to-image models: a text file, one prompt per line (cycled)")
+    p.add_argument("--negative-prompt", default=None, help="text-to-image models: guidance pushes away from this")
     p.add_argument("--evaluate", action="store_true",
                    help="print conditional accuracy and classifier-FID vs real test digits at the same N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -259,6 +264,9 @@ def run(args) -> dict:
     _check_args(args)
     path, expected_sha = resolve_checkpoint(args.checkpoint)
     denoiser = load_denoiser(args.checkpoint, device=args.device)
+    if denoiser.context_dim or {args.prompt, args.prompts, args.negative_prompt} != {None}:  # chapter 10: prompts
+        from . import tiny_sd
+        return tiny_sd.sample_command(denoiser, args)
     if len(denoiser.shape) != 3 or denoiser.shape[0] != 1:
         raise ValueError(f"this command writes grey-scale images (1, H, W); {args.checkpoint} makes samples of shape "
                          f"{denoiser.shape}: sample it with diffusion_lab.sample.generate")

@@ -53,16 +53,21 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "metrics": {"utils", "data", "checkpoint"},
     "style_score": {"data", "metrics", "utils"},  # chapter 09: P(typeset) per digit, trained on held-out fonts
     # the contract of a trained model: a network, its schedule, its checkpoint file
-    "denoiser": {"utils", "schedules", "checkpoint", "unet", "mlp", "baselines"},
+    "denoiser": {"utils", "schedules", "checkpoint", "unet", "mlp", "baselines", "text"},
     "training": {"utils", "schedules", "losses", "checkpoint", "data", "unet", "conditioning", "denoiser"},
     # entry points and the package root sit on top
-    "sample": {"utils", "checkpoint", "conditioning", "data", "denoiser", "metrics", "samplers"},
+    "sample": {"utils", "checkpoint", "conditioning", "data", "denoiser", "metrics", "samplers", "tiny_sd"},
     "train": {"training"},
     # Part III/IV: one module per idea, above the core
     "music": {"data", "utils"},  # chapter 11: Bach chorales (data.default_root, utils' verified cache)
     "__init__": {"utils"},
     # Parts III and IV: one module per idea, above the core
     "video": {"data", "utils"},  # chapter 12's Moving MNIST, made from data.mnist
+    # chapter 10: pixels <-> latents, words -> vectors (PromptUNet is a net checkpoints may name), the pipeline
+    "autoencoder": {"checkpoint", "data", "metrics"},
+    "text": {"unet"},
+    "tiny_sd": {"autoencoder", "checkpoint", "data", "denoiser", "metrics", "sample", "schedules", "text", "training",
+                "unet", "utils"},
     # leaves: nothing imports them
     "plotting": {"schedules", "utils"},
     "widgets": {"conditioning", "data", "plotting", "sample", "schedules"},

@@ -44,21 +44,57 @@ class TinySD:
     meta: dict                      # the shipped file's record: how it was made
 
 
+PIXEL_UNET = dict(channels=[32, 48, 48], blocks_per_level=1, attention=True)  # 28 -> 14 -> 7, attention at 7 x 7
+
+
 def build(latent_channels: int, schedule: str = "cosine", T: int = 1000) -> Denoiser:
     net = text.PromptUNet(unet=dict(in_channels=latent_channels, **UNET), **TEXT)
     return Denoiser(net, "v", NoiseSchedule.from_name(schedule, T), (latent_channels, 7, 7))
 
 
-def prompt_batches(z: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor, held_out=text.HELD_OUT):
-    """A batch source for `fit`: scaled latents with a fresh random caption for every draw (the captions come from
-    the fit's generator, so a resumed run draws the same ones)."""
+def build_pixel(schedule: str = "cosine", T: int = 1000) -> Denoiser:
+    """The same text encoder and recipe on 1 x 28 x 28 pixels: the comparison for latent diffusion."""
+    net = text.PromptUNet(unet=dict(in_channels=1, **PIXEL_UNET), **TEXT)
+    return Denoiser(net, "v", NoiseSchedule.from_name(schedule, T), (1, 28, 28))
+
+
+def forward_flops(net: nn.Module, shape: tuple) -> int:
+    """Floating-point operations of one network evaluation on one sample of `shape` with an 8-word prompt,
+    counted by torch's FlopCounterMode on the meta device (no arithmetic is done, so 512 x 512 costs nothing)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        twin = type(net)(**net.config)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            twin(torch.zeros(1, *shape), torch.zeros(1), context=torch.ones(1, text.MAX_WORDS, dtype=torch.long))
+    return counter.get_total_flops()
+
+
+def decoder_flops(vae: autoencoder.Autoencoder, latent_shape: tuple) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        twin = autoencoder.Autoencoder(**vae.config)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            twin.decode(torch.zeros(1, *latent_shape))
+    return counter.get_total_flops()
+
+
+def prompt_batches(x0: torch.Tensor, labels: torch.Tensor, bins: torch.Tensor, held_out=None, transform=None):
+    """A batch source for `fit`: rows of x0 (scaled latents, or uint8 images with transform=data.to_unit_range)
+    with a fresh random caption for every draw (the captions come from the fit's generator, so a resumed run
+    draws the same ones)."""
+
+    held_out = text.HELD_OUT if held_out is None else tuple(tuple(h) for h in held_out)
 
     def draw(generator: torch.Generator, size: int) -> dict:
-        idx = torch.randint(0, len(z), (size,), generator=generator)
+        idx = torch.randint(0, len(x0), (size,), generator=generator)
         u = torch.rand(size, 8, generator=generator).tolist()
         captions = [text.caption(int(labels[i]), dict(zip(text.ATTRIBUTES, bins[i].tolist())), u[k], held_out)
                     for k, i in enumerate(idx.tolist())]
-        return {"x0": z[idx], "context": text.tokenize(captions)}
+        return {"x0": transform(x0[idx]) if transform else x0[idx], "context": text.tokenize(captions)}
 
     return draw
 
@@ -71,9 +107,10 @@ def training_data(vae: autoencoder.Autoencoder, scale: float):
     return z, labels, bins
 
 
-def train_tiny_sd(vae: str = "mnist-vae", *, steps: int = 1800, batch_size: int = 128, max_minutes: float = 0.0,
-                  checkpoint=None, log=print, progress: bool = False):
-    """Train the text encoder and the latent UNet together (resumable through `checkpoint`). Returns fit's result."""
+def train_tiny_sd(vae: str = "mnist-vae", *, steps: int = 1300, batch_size: int = 128, max_minutes: float = 0.0,
+                  held_out=None, checkpoint=None, log=print, progress: bool = False):
+    """Train the text encoder and the latent UNet together (resumable through `checkpoint`). Returns fit's result.
+    `held_out`: (digit, attribute, end) combinations never captioned (default text.HELD_OUT)."""
     model, scale = autoencoder.load_autoencoder(vae)
     z, labels, bins = training_data(model, scale)
     denoiser = build(model.latent_channels)
@@ -83,7 +120,7 @@ def train_tiny_sd(vae: str = "mnist-vae", *, steps: int = 1800, batch_size: int 
     def report(step, _):
         log(f"step {step}/{steps}")
 
-    return fit(denoiser, prompt_batches(z, labels, bins), config, checkpoint=checkpoint, progress=progress,
+    return fit(denoiser, prompt_batches(z, labels, bins, held_out), config, checkpoint=checkpoint, progress=progress,
                callback=report)
 
 
@@ -279,3 +316,30 @@ def sample_command(denoiser: Denoiser, args) -> dict:
         if named.any():
             summary["conditional_accuracy"] = round(metrics.conditional_accuracy(images[named], labels[named]), 5)
     return summary
+
+
+# --- the model cards' numbers (python tools/train_tiny_sd.py card) -------------------------------------------
+
+def model_card_numbers(n_compositional: int = 100, guidances=(1.0, 2.0, 3.0, 5.0)) -> dict:
+    """Every number the two model cards quote, measured with the shipped files."""
+    import contextlib
+    import tempfile
+
+    from . import sample as sample_cli
+
+    vae, scale = autoencoder.load_autoencoder("mnist-vae")
+    test_images, test_labels = data.mnist(train=False)
+    out = {"mnist-vae": {**autoencoder.evaluate(vae, test_images, test_labels), "scale_factor": scale,
+                         "classifier_accuracy_real": metrics.conditional_accuracy(test_images, test_labels)}}
+    prompts_file = Path(__file__).resolve().parent.parent / "checkpoints" / "tiny-sd-prompts.txt"
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()) as printed:
+        sample_cli.main(["--checkpoint", "tiny-sd", "--prompts", str(prompts_file), "--n", "500", "--seed", "0",
+                         "--out", str(Path(tmp) / "s.npz"), "--evaluate", "--quiet"])
+    cli = json.loads(printed.getvalue().strip().splitlines()[-1])
+    pipe = load_tiny_sd("tiny-sd")
+    lines = [line.strip() for line in prompts_file.read_text().splitlines() if line.strip()]
+    prompts = [lines[i % len(lines)] for i in range(500)]
+    sweep = {str(g): prompt_accuracy(pipe, prompts, seed=1, guidance=g) for g in guidances}
+    out["tiny-sd"] = {"cli_accuracy_500": cli["conditional_accuracy"], "cli_defaults": DEFAULTS,
+                      "accuracy_by_guidance_500": sweep, "compositional": compositional(pipe, n_compositional)}
+    return out

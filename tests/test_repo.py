@@ -70,7 +70,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
                 "unet", "utils"},
     # leaves: nothing imports them
     "plotting": {"schedules", "utils"},
-    "widgets": {"conditioning", "data", "plotting", "sample", "schedules"},
+    "widgets": {"conditioning", "data", "metrics", "plotting", "sample", "schedules", "tiny_sd"},
 }
 
 # Chapter requirements. A chapter not listed here gets the default.

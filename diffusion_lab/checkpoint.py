@@ -24,7 +24,8 @@ from .utils import atomic_write_bytes
 
 class Shipped(NamedTuple):
     sha256: str   # of checkpoints/<name>.safetensors
-    kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set)
+    kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set),
+                  # "autoencoder" and "text-to-image" (chapter 10: sampled with --prompt)
 
 
 # name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.

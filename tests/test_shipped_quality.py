@@ -28,3 +28,18 @@ def test_shipped_model_draws_the_requested_digits(name):
     # and the samples are not one memorised image per class
     same_class = images[labels == 3].flatten(1)
     assert torch.pdist(same_class).min() > 1.0, f"{name}: two samples of one class are nearly identical"
+
+
+def test_tiny_sd_draws_the_digit_each_prompt_names_and_obeys_an_attribute_word():
+    """Chapter 10's text-to-image model at the CLI's settings: 200 plain digit prompts ("a seven", "7", "the digit 7")
+    must yield the named digit, and "thick" must draw thicker strokes than "thin" for a digit seen with both."""
+    from diffusion_lab import tiny_sd
+
+    torch.set_num_threads(2)
+    defaults = sample._parser().parse_args(["--out", "unused.npz"])
+    settings = dict(sampler=defaults.sampler, steps=defaults.steps, guidance=defaults.guidance)
+    pipe = tiny_sd.load_tiny_sd("tiny-sd")
+    accuracy = tiny_sd.prompt_accuracy(pipe, tiny_sd.digit_prompts(200, seed=12345), seed=12345, **settings)
+    assert accuracy >= 0.95, f"tiny-sd: the classifier reads the named digit in only {accuracy:.1%} of 200 samples"
+    effect = tiny_sd.attribute_effect(pipe, 1, "thickness", n=50, seed=12345, **settings)
+    assert effect["effect"] > 0.5 and effect["r"] > 0.3, effect

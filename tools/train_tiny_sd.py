@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 from diffusion_lab import autoencoder, data  # noqa: E402
 
 SWEEP_C = (2, 4, 8)
+PARTS = ["vae", "cli", "guidance", "compositional"]  # what `card` measures
 SWEEP_STEPS, VAE_STEPS, VAE_BATCH = 250, 1200, 64
 
 
@@ -125,6 +126,7 @@ def main() -> None:
     p.add_argument("stage", choices=("vae", "sd", "compare", "card"))
     p.add_argument("--cpu-minutes", type=float, default=3.0, help="compare: CPU minutes of training for each model")
     p.add_argument("--n-eval", type=int, default=300, help="compare: prompts drawn from each model")
+    p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="card: which measurements to (re)make")
     p.add_argument("--vae", default="mnist-vae", help="the autoencoder the latent model is trained on")
     p.add_argument("--minutes", type=float, default=50.0, help="stop the latent model's training after this many "
                    "wall-clock minutes (0: run all its steps); a re-run resumes")
@@ -141,9 +143,12 @@ def main() -> None:
     else:
         from diffusion_lab import tiny_sd
 
-        numbers = tiny_sd.model_card_numbers()
-        (Path(args.out) if args.out else ROOT / "checkpoints/tiny-sd-measured.json").write_text(
-            json.dumps(numbers, indent=1) + "\n")
+        out = Path(args.out) if args.out else ROOT / "checkpoints/tiny-sd-measured.json"
+        numbers = tiny_sd.model_card_numbers(args.parts)
+        if args.parts != PARTS and out.exists():  # measuring some parts: keep the others' numbers
+            old = json.loads(out.read_text())
+            numbers = {k: {**old.get(k, {}), **v} for k, v in numbers.items()}
+        out.write_text(json.dumps(numbers, indent=1) + "\n")
         print(json.dumps(numbers, indent=1))
     log(f"done in {time.perf_counter() - start:.0f} s")
 

@@ -321,7 +321,7 @@ def sample_command(denoiser: Denoiser, args) -> dict:
 
 # --- the model cards' numbers (python tools/train_tiny_sd.py card) -------------------------------------------
 
-def model_card_numbers(parts=("vae", "cli", "guidance", "compositional"), n_compositional: int = 100,
+def model_card_numbers(parts=("vae", "cli", "guidance", "compositional"), n_compositional: int = 60,
                        guidances=(1.0, 2.0, 3.0, 5.0)) -> dict:
     """The numbers the two model cards quote, measured with the shipped files: {"mnist-vae": ..., "tiny-sd": ...}
     holding the requested parts (the parts are independent, so they can run as separate processes)."""

@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("stage", choices=("vae", "sd", "compare", "card"))
     p.add_argument("--cpu-minutes", type=float, default=3.0, help="compare: CPU minutes of training for each model")
     p.add_argument("--n-eval", type=int, default=300, help="compare: prompts drawn from each model")
+    p.add_argument("--n-compositional", type=int, default=60, help="card: samples per end of each attribute pair")
     p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS, help="card: which measurements to (re)make")
     p.add_argument("--vae", default="mnist-vae", help="the autoencoder the latent model is trained on")
     p.add_argument("--minutes", type=float, default=50.0, help="stop the latent model's training after this many "
@@ -144,7 +145,7 @@ def main() -> None:
         from diffusion_lab import tiny_sd
 
         out = Path(args.out) if args.out else ROOT / "checkpoints/tiny-sd-measured.json"
-        numbers = tiny_sd.model_card_numbers(args.parts)
+        numbers = tiny_sd.model_card_numbers(args.parts, n_compositional=args.n_compositional)
         if args.parts != PARTS and out.exists():  # measuring some parts: keep the others' numbers
             old = json.loads(out.read_text())
             numbers = {k: {**old.get(k, {}), **v} for k, v in numbers.items()}

@@ -24,9 +24,9 @@ from .utils import atomic_write_bytes
 
 class Shipped(NamedTuple):
     sha256: str   # of checkpoints/<name>.safetensors
-    kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set), "lora"
     kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set),
-                  # "chorales" (chapter 11's Bach model: also sampled by diffusion_lab.sample, writing `rolls`)
+                  # "lora" (chapter 09: merged into its base with --lora), "chorales" (chapter 11: sampled by
+                  # diffusion_lab.sample, writing `rolls`), "autoencoder" and "text-to-image" (chapter 10: --prompt)
 
 
 # name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.
@@ -37,6 +37,8 @@ SHIPPED: dict[str, Shipped] = {
     # chapter 09: a LoRA adapter for mnist-cond (diffusion_lab.lora; loaded with --lora, never on its own)
     "typeset-lora": Shipped("a3f2571bd517549f0de24e405833f0d8b9bc4feb3d8f6d54ad7a7ae8396e0179", "lora"),
     "bach-chorales": Shipped("073a59d0d2d71e3ba2fb8deea02ca4a1000dc3d0067e19716fc00b5b67f8d659", "chorales"),  # chapter 11
+    "tiny-sd": Shipped("4ad52447b589f78cb5224dd52b4a66d2d3dc09486a4583270059b48d69b179d0", "text-to-image"),
+    "mnist-vae": Shipped("0ffdc2e76fac113702cf677bb0d658b894beeb959e5495c23eaff6dcae780839", "autoencoder"),
 }
 
 CHECKPOINT_ENV = "DIFFUSION_LAB_CHECKPOINTS"

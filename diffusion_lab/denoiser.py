@@ -27,12 +27,13 @@ from .baselines import PlainConvNet
 from .checkpoint import SHIPPED, CheckpointError, load_checkpoint, save_checkpoint
 from .mlp import ToyMLP
 from .schedules import NoiseSchedule, check_prediction
+from .text import PromptUNet
 from .unet import UNet
 from .utils import get_device
 
 FORMAT = "diffusion_lab/2"
 # The networks a checkpoint can name, by class name; each is rebuilt with cls(**config).
-NETS = {cls.__name__: cls for cls in (UNet, ToyMLP, PlainConvNet)}
+NETS = {cls.__name__: cls for cls in (UNet, ToyMLP, PlainConvNet, PromptUNet)}
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,7 +129,7 @@ def load_denoiser(name_or_path: str | os.PathLike, device=None, use_ema: bool = 
     """Load a trained denoiser for sampling: a shipped name (SHA-256 verified, e.g. "mnist-cond") or a path to a
     shipped file or a training run's checkpoint (its EMA weights unless use_ema=False)."""
     kind = SHIPPED[str(name_or_path)].kind if str(name_or_path) in SHIPPED else None
-    if kind not in (None, "diffusion", "chorales"):  # "chorales": chapter 11's rolls, sampled the same way
+    if kind not in (None, "diffusion", "chorales", "text-to-image"):  # chorales: chapter 11; prompts: chapter 10
         raise CheckpointError(f"{name_or_path} is a shipped {kind}, not a generative model: it cannot be sampled")
     tensors, meta = load_checkpoint(name_or_path)
     if meta.get("format") != FORMAT:

@@ -218,6 +218,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto (cuda, mps, cpu) or e.g. cpu, cuda:0")
     p.add_argument("--slant", type=float, default=None, help="style request: slant (shear; 0 = upright, >0 leans right)")
     p.add_argument("--thickness", type=float, default=None, help="style request: stroke width in pixels")
+    # text-to-image (chapter 10, diffusion_lab.tiny_sd): prompts instead of --labels
+    p.add_argument("--prompt", default=None, help="text-to-image models (tiny-sd): one prompt for all --n images, "
+                   "e.g. 'a thick slanted seven'")
+    p.add_argument("--prompts", default=None, help="text-to-image models: a text file, one prompt per line (cycled)")
+    p.add_argument("--negative-prompt", default=None, help="text-to-image models: guidance pushes away from this")
     p.add_argument("--evaluate", action="store_true",
                    help="print conditional accuracy and classifier-FID vs real test digits at the same N")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -267,14 +272,27 @@ def _check_args(args) -> None:
         raise ValueError("; ".join(problems))
 
 
+# The options that only one kind of model reads (argparse dest names)
+KIND_OPTIONS = {"chorale": ("soprano_from", "midi", "wav"), "text-to-image": ("prompt", "prompts", "negative_prompt"),
+                "image": ("watermark",)}
+
+
 def run(args) -> dict:
     _check_args(args)
     path, expected_sha = resolve_checkpoint(args.checkpoint)
     denoiser = load_denoiser(args.checkpoint, device=args.device)
     if args.lora:  # chapter 09: refused unless the LoRA was trained on this very file (its SHA-256)
         denoiser = lora.with_lora(denoiser, args.lora, base_sha256=expected_sha or file_sha256(path))
-    if music.is_chorale_model(denoiser) or args.soprano_from or args.midi is not None or args.wav is not None:
+    kind = "chorale" if music.is_chorale_model(denoiser) else "text-to-image" if denoiser.context_dim else "image"
+    for option_kind, options in KIND_OPTIONS.items():  # an option another kind of model would silently ignore
+        given = [f"--{o.replace('_', '-')}" for o in options if getattr(args, o) is not None]
+        if given and option_kind != kind:
+            raise ValueError(f"{' and '.join(given)} apply to {option_kind} checkpoints; {args.checkpoint} is a {kind} model")
+    if kind == "chorale":  # chapter 11: rolls of four voices
         return music.sample_command(denoiser, args, path, expected_sha)
+    if kind == "text-to-image":  # chapter 10: prompts
+        from . import tiny_sd
+        return tiny_sd.sample_command(denoiser, args)
     if len(denoiser.shape) != 3 or denoiser.shape[0] != 1:
         raise ValueError(f"this command writes grey-scale images (1, H, W); {args.checkpoint} makes samples of shape "
                          f"{denoiser.shape}: sample it with diffusion_lab.sample.generate")

@@ -257,3 +257,50 @@ def style_explorer(denoiser, n: int = 4, steps: int = 10, guidance: float = 2.0)
         control.observe(redraw, names="value")
     redraw()
     return widgets.VBox([widgets.HBox([digit, seed]), widgets.HBox([slant, thickness]), output])
+
+
+# --- chapter 10: a prompt box for the tiny Stable Diffusion ---------------------------------------------------
+
+def prompt_frame(pipe, prompt: str, negative: str = "", seed: int = 0, n: int = 8, steps: int = 20,
+                 guidance: float = 2.0):
+    """`n` digits drawn for `prompt` (and `negative`, if any) by a `tiny_sd.TinySD` pipeline, titled with the prompt
+    and what the classifier reads (chapter 10). Raises text.VocabularyError for a word outside the vocabulary."""
+    from .metrics import predict
+    from .tiny_sd import draw
+
+    images = draw(pipe, [prompt] * n, negative or None, guidance=guidance, steps=steps, seed=int(seed))
+    read = " ".join(str(d) for d in predict(images).tolist())
+    fig, ax = plt.subplots(figsize=(1.1 * n + 1, 2.0))
+    ax.imshow(image_grid(images, n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(f"“{prompt}”" + (f" (negative: “{negative}”)" if negative else "") + f"\nclassifier reads: {read}",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def prompt_explorer(pipe, n: int = 8, steps: int = 20, guidance: float = 2.0):
+    """A prompt box, a negative-prompt box and a seed: type a prompt, press Enter, get digits (chapter 10). A word
+    outside the vocabulary shows the error (with close words) instead of a picture. The chapter shows a static grid
+    beside it."""
+    widgets = _ipywidgets()
+    wide = widgets.Layout(width="420px")
+    prompt = widgets.Text(value="a thick slanted seven", description="prompt", continuous_update=False, layout=wide)
+    negative = widgets.Text(value="", description="negative", continuous_update=False, layout=wide)
+    seed = widgets.IntSlider(value=0, min=0, max=99, description="noise seed", continuous_update=False, layout=wide)
+    output = widgets.Output()
+
+    def redraw(change=None):
+        try:
+            fig = prompt_frame(pipe, prompt.value, negative.value, seed.value, n, steps, guidance)
+        except ValueError as err:  # an unknown word, a prompt too long
+            output.clear_output(wait=True)
+            with output:
+                print(f"error: {err}")
+            return
+        _show(output, fig)
+
+    for control in (prompt, negative, seed):
+        control.observe(redraw, names="value")
+    redraw()
+    return widgets.VBox([prompt, negative, seed, output])

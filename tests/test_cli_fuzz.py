@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import diffusion_lab
-from diffusion_lab import edit, lora, metrics, music, sample, training, watermark
+from diffusion_lab import autoencoder, edit, lora, metrics, music, sample, tiny_sd, training, watermark
 from diffusion_lab.denoiser import save_denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -96,6 +96,13 @@ def inputs(tmp_path_factory) -> Path:
     np.savez(folder / "float-images.npz", images=np.zeros((2, 28, 28), np.float32))
     np.savez(folder / "no-images.npz", labels=np.zeros(2, np.int64))
     (folder / "garbage.npz").write_bytes(b"PK\x03\x04" + bytes(100))
+    # chapter 10: a tiny text-to-image model (untrained) with its autoencoder, and prompt files good and bad
+    autoencoder.save_autoencoder(folder / "tiny-vae.safetensors", autoencoder.Autoencoder(2, widths=(8, 8)), 1.0)
+    tiny_sd.save_tiny_sd(folder / "tiny-sd.safetensors", tiny_sd.build(2, T=20), str(folder / "tiny-vae.safetensors"))
+    (folder / "prompts.txt").write_text("a thick slanted seven\nthin 2\n\n")
+    (folder / "blank.txt").write_text("\n \n")
+    (folder / "binary.txt").write_bytes(b"\xff\xfe\x00seven")
+    (folder / "oov.txt").write_text("a seven\na sevn\n")
     return folder
 
 
@@ -283,7 +290,12 @@ BAD_CHECKPOINTS = ["no-such-model", CLASSIFIER_FILE, *map(_inputs_path, MALFORME
 
 # (typical, edge) values of the flags whose generic values would not do: files, and amounts of work kept tiny
 SAMPLE = {
-    "--checkpoint": ([TINY, "mnist-cond", _inputs_path("chorales.safetensors")], BAD_CHECKPOINTS),
+    "--checkpoint": ([TINY, "mnist-cond", _inputs_path("chorales.safetensors"), _inputs_path("tiny-sd.safetensors")],
+                     BAD_CHECKPOINTS),
+    "--prompt": (["a seven", "a thick slanted seven", "thin upright 2"], ["a sevn", "", "seven " * 9, "\u00e9t\u00e9 7"]),
+    "--prompts": ([_inputs_path("prompts.txt")], [_inputs_path(n) for n in ("blank.txt", "binary.txt", "oov.txt",
+                                                                           "missing.txt", "folder.safetensors")]),
+    "--negative-prompt": (["thick", "slanted seven"], ["thik", ""]),
     "--n": (["1", "3"], ["0", "-2", "x"]),                     # tiny: the fuzz checks arguments, not throughput
     "--steps": (["1", "2", "3"], ["0", "-1", "1000000", "x"]),
     "--labels": (["cycle", "random", "3", "3,5,8"], ["none", "10", "-1", "x", "", "3,,5", "0,1,2,3,4,5,6,7,8,9,0"]),
@@ -316,6 +328,10 @@ SAMPLE_OUTPUTS = {"--out": "npz", "--grid": "png", "--midi": "folder", "--wav": 
                "--soprano-from", "test", "--midi", "mid", "--wav", "sub/wav", "--quiet"])
 @example(argv=["--checkpoint", _inputs_path("chorales.safetensors"), "--n", "2", "--steps", "2", "--out", "c.npz",
                "--midi", "existing.npz/sub"])
+@example(argv=["--checkpoint", _inputs_path("tiny-sd.safetensors"), "--n", "2", "--steps", "2", "--out", "s.npz",
+               "--prompt", "a thick seven", "--negative-prompt", "thin", "--grid", "g.png", "--quiet"])
+@example(argv=["--checkpoint", _inputs_path("tiny-sd.safetensors"), "--n", "3", "--steps", "1", "--out",
+               "existing.npz", "--prompts", _inputs_path("oov.txt")])
 def test_sample_cli(inputs, argv):
     status, _ = run_cli("diffusion_lab.sample", argv, inputs, SAMPLE_OUTPUTS, seed_files=["existing.npz"])
     if argv in (["--checkpoint", _inputs_path("tiny.safetensors"), "--n", "2", "--steps", "2", "--out", "s.npz",
@@ -323,6 +339,8 @@ def test_sample_cli(inputs, argv):
                 ["--checkpoint", _inputs_path("chorales.safetensors"), "--n", "2", "--steps", "2", "--out", "c.npz",
                  "--soprano-from", "test", "--midi", "mid", "--wav", "sub/wav", "--quiet"]):
         assert status == 0  # the space holds successful runs too, so "always an error" would not pass
+    if "--prompt" in argv and "a thick seven" in argv:
+        assert status == 0  # a text-to-image run succeeds too
 
 
 @pytest.mark.parametrize("out", ["", "."])

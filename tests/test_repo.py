@@ -53,11 +53,11 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "metrics": {"utils", "data", "checkpoint"},
     "style_score": {"data", "metrics", "utils"},  # chapter 09: P(typeset) per digit, trained on held-out fonts
     # the contract of a trained model: a network, its schedule, its checkpoint file
-    "denoiser": {"utils", "schedules", "checkpoint", "unet", "mlp", "baselines"},
+    "denoiser": {"utils", "schedules", "checkpoint", "unet", "mlp", "baselines", "text"},
     "training": {"utils", "schedules", "losses", "checkpoint", "data", "unet", "conditioning", "denoiser"},
     # entry points and the package root sit on top
     "sample": {"utils", "checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "samplers", "music",
-               "watermark"},
+               "tiny_sd", "watermark"},
     "train": {"training"},
     # Part III/IV: one module per idea, above the core
     # chapter 11: Bach chorales (data.default_root, utils' verified cache); its model is fit's UNet, sampled by
@@ -71,9 +71,14 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "edit": {"checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "sample", "samplers", "schedules",
              "utils"},
     "watermark": {"checkpoint", "data", "denoiser", "samplers", "utils"},  # chapter 14: Tree-Ring marks in x_T
+    # chapter 10: pixels <-> latents, words -> vectors (PromptUNet is a net checkpoints may name), the pipeline
+    "autoencoder": {"checkpoint", "data", "metrics"},
+    "text": {"unet"},
+    "tiny_sd": {"autoencoder", "checkpoint", "data", "denoiser", "metrics", "sample", "schedules", "text", "training",
+                "unet", "utils"},
     # leaves: nothing imports them
     "plotting": {"schedules", "utils"},
-    "widgets": {"conditioning", "data", "plotting", "sample", "schedules"},
+    "widgets": {"conditioning", "data", "metrics", "plotting", "sample", "schedules", "tiny_sd"},
 }
 
 # Chapter requirements. A chapter not listed here gets the default.

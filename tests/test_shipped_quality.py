@@ -78,3 +78,18 @@ def test_shipped_chorale_model_harmonises_closer_to_bach_than_the_baselines(name
     assert d["note_length_distance"] < m["note_length_distance"], (d, m)
     assert abs(d["in_key"] - bach["in_key"]) < abs(r["in_key"] - bach["in_key"]) / 2, (d, r, bach)
     assert d["range_violations"] < 0.1, d
+
+
+def test_tiny_sd_draws_the_digit_each_prompt_names_and_obeys_an_attribute_word():
+    """Chapter 10's text-to-image model at the CLI's settings: 200 plain digit prompts ("a seven", "7", "the digit 7")
+    must yield the named digit, and "thick" must draw thicker strokes than "thin" for a digit seen with both."""
+    from diffusion_lab import tiny_sd
+
+    torch.set_num_threads(2)
+    defaults = sample._parser().parse_args(["--out", "unused.npz"])
+    settings = dict(sampler=defaults.sampler, steps=defaults.steps, guidance=defaults.guidance)
+    pipe = tiny_sd.load_tiny_sd("tiny-sd")
+    accuracy = tiny_sd.prompt_accuracy(pipe, tiny_sd.digit_prompts(200, seed=12345), seed=12345, **settings)
+    assert accuracy >= 0.95, f"tiny-sd: the classifier reads the named digit in only {accuracy:.1%} of 200 samples"
+    effect = tiny_sd.attribute_effect(pipe, 1, "thickness", n=50, seed=12345, **settings)
+    assert effect["effect"] > 0.5 and effect["r"] > 0.3, effect

@@ -30,13 +30,13 @@ import numpy as np
 import torch
 
 from . import data, lora, metrics
-from .checkpoint import CheckpointError, resolve_checkpoint
+from .checkpoint import resolve_checkpoint
 from .conditioning import guided
 from .denoiser import load_denoiser
 from .sample import generate, parse_labels
 from .samplers import ddim_invert
 from .schedules import NoiseSchedule, q_sample
-from .utils import IMAGE_SIZE, atomic_write_bytes, file_sha256
+from .utils import IMAGE_SIZE, atomic_write_bytes, file_sha256, run_command
 
 MASKS = ("left", "right", "top", "bottom", "square")
 
@@ -255,13 +255,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except (CheckpointError, ValueError, RuntimeError, OSError) as err:
-        raise SystemExit(f"error: {err}")
-    print(json.dumps(summary))
-    return 0
+    return run_command(run, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

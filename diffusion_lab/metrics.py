@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from diffusion_lab import checkpoint, data
-from diffusion_lab.utils import NUM_CLASSES, get_device, seed_everything
+from diffusion_lab.utils import NUM_CLASSES, USER_ERRORS, get_device, seed_everything
 
 CLASSIFIER_NAME = "mnist-classifier"
 
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_args(args)
         args.run(args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:  # CheckpointError is a ValueError
+    except USER_ERRORS as err:
         raise SystemExit(f"error: {err}")
     return 0
 

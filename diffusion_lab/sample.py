@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data, lora, music
-from .checkpoint import SHIPPED, CheckpointError, resolve_checkpoint
+from .checkpoint import SHIPPED, resolve_checkpoint
 from .conditioning import guided, style_code
 from .denoiser import load_denoiser
 from .samplers import SAMPLERS, check_known_region, sample_ddim, sample_repaint, with_known_region
-from .utils import NUM_CLASSES, atomic_write_bytes, file_sha256, tile
+from .utils import NUM_CLASSES, atomic_write_bytes, file_sha256, run_command, tile
 
 
 def parse_labels(spec: str, n: int, seed: int = 0) -> torch.Tensor:
@@ -343,13 +343,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        summary = run(args)
-    except (CheckpointError, ValueError, RuntimeError, OSError) as err:  # OSError covers FileNotFoundError
-        raise SystemExit(f"error: {err}")
-    print(json.dumps(summary))
-    return 0
+    return run_command(run, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

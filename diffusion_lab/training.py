@@ -35,7 +35,7 @@ from .denoiser import FORMAT, Denoiser
 from .losses import WEIGHTINGS, diffusion_loss
 from .schedules import PREDICTIONS, SCHEDULES, NoiseSchedule
 from .unet import UNet
-from .utils import IMAGE_SIZE, NUM_CLASSES, get_device, seed_everything
+from .utils import IMAGE_SIZE, NUM_CLASSES, USER_ERRORS, get_device, seed_everything
 
 
 @dataclass(frozen=True)
@@ -567,7 +567,7 @@ def main(argv=None) -> int:
         if not str(args.out).endswith(".safetensors"):
             raise ValueError(f"--out must name a .safetensors file, got {args.out!r}")
         result = train(config, checkpoint=args.out, resume=not args.no_resume, progress=not args.quiet)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as err:
+    except USER_ERRORS as err:
         raise SystemExit(f"error: {err}")
     recent = result.losses[-50:]
     summary = {"out": str(args.out), "step": result.step, "resumed_from": result.resumed_from,

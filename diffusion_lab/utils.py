@@ -193,3 +193,20 @@ def verified_cache(path: str | os.PathLike, size: int, sha256: str, build=None, 
                 return path
             reason = f"rebuilding it from its source gave a file that is {rebuilt}"
     raise CacheError(f"{path} is {problem}, and {reason}. {fix}".strip())
+
+
+# The errors a command line reports as one line "error: ..." instead of a traceback: a bad argument or file
+# (ValueError, which CheckpointError is), an impossible request (RuntimeError), a missing file or a full disk
+# (OSError). Anything else is a bug, and keeps its traceback.
+USER_ERRORS = (ValueError, RuntimeError, OSError)
+
+
+def run_command(run, args) -> int:
+    """The body of a command line's main(): run(args) returns a JSON-able summary, printed on one line."""
+    try:
+        summary = run(args)
+    except USER_ERRORS as err:
+        raise SystemExit(f"error: {err}")
+    print(json.dumps(summary))
+    return 0
+

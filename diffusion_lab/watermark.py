@@ -32,10 +32,9 @@ import numpy as np
 import torch
 
 from . import data
-from .checkpoint import CheckpointError
 from .denoiser import load_denoiser
 from .samplers import ddim_invert
-from .utils import NUM_CLASSES, atomic_write_bytes
+from .utils import NUM_CLASSES, atomic_write_bytes, run_command
 
 RADII = (6, 14)           # the rings (frequency units from the centre) that carry the key; the lower ones are left
                           # free: they decide the digit's shape, and fixing them costs variety (chapter 14)
@@ -245,13 +244,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        summary = detect_command(args)
-    except (CheckpointError, ValueError, RuntimeError, OSError) as err:
-        raise SystemExit(f"error: {err}")
-    print(json.dumps(summary))
-    return 0
+    return run_command(detect_command, _parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -70,7 +70,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "lora": {"checkpoint"},
     "edit": {"checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "sample", "samplers", "schedules",
              "utils"},
-    "watermark": {"checkpoint", "data", "denoiser", "samplers", "utils"},  # chapter 14: Tree-Ring marks in x_T
+    "watermark": {"data", "denoiser", "samplers", "utils"},  # chapter 14: Tree-Ring marks in x_T
     # chapter 10: pixels <-> latents, words -> vectors (PromptUNet is a net checkpoints may name), the pipeline
     "autoencoder": {"checkpoint", "data", "metrics"},
     "text": {"unet"},

@@ -272,25 +272,17 @@ def _check_args(args) -> None:
         raise ValueError("; ".join(problems))
 
 
-# The options that only one kind of model reads (argparse dest names)
-KIND_OPTIONS = {"chorale": ("soprano_from", "midi", "wav"), "text-to-image": ("prompt", "prompts", "negative_prompt"),
-                "image": ("watermark",)}
-
-
 def run(args) -> dict:
     _check_args(args)
     path, expected_sha = resolve_checkpoint(args.checkpoint)
     denoiser = load_denoiser(args.checkpoint, device=args.device)
     if args.lora:  # chapter 09: refused unless the LoRA was trained on this very file (its SHA-256)
         denoiser = lora.with_lora(denoiser, args.lora, base_sha256=expected_sha or file_sha256(path))
-    kind = "chorale" if music.is_chorale_model(denoiser) else "text-to-image" if denoiser.context_dim else "image"
-    for option_kind, options in KIND_OPTIONS.items():  # an option another kind of model would silently ignore
-        given = [f"--{o.replace('_', '-')}" for o in options if getattr(args, o) is not None]
-        if given and option_kind != kind:
-            raise ValueError(f"{' and '.join(given)} apply to {option_kind} checkpoints; {args.checkpoint} is a {kind} model")
-    if kind == "chorale":  # chapter 11: rolls of four voices
-        return music.sample_command(denoiser, args, path, expected_sha)
-    if kind == "text-to-image":  # chapter 10: prompts
+    if args.watermark is not None and (music.is_chorale_model(denoiser) or denoiser.context_dim):
+        raise ValueError(f"--watermark marks the starting noise of the digit models; {args.checkpoint} is not one")
+    if music.is_chorale_model(denoiser) or args.soprano_from or args.midi is not None or args.wav is not None:
+        return music.sample_command(denoiser, args, path, expected_sha)  # chapter 11: rolls of four voices
+    if denoiser.context_dim or {args.prompt, args.prompts, args.negative_prompt} != {None}:  # chapter 10: prompts
         from . import tiny_sd
         return tiny_sd.sample_command(denoiser, args)
     if len(denoiser.shape) != 3 or denoiser.shape[0] != 1:

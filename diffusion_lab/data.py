@@ -305,6 +305,29 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
+def read_images(path, size: tuple = (IMAGE_SIZE, IMAGE_SIZE)) -> tuple[torch.Tensor, np.ndarray | None]:
+    """The uint8 `images` (N, H, W) of a samples file (.npz, as the command lines write them) and its `labels`
+    (None if it has none), checked: a clear ValueError for a missing, unreadable or wrongly shaped file."""
+    import zipfile
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" not in npz.files:
+                raise ValueError(f"{path} has no 'images' array (it holds: {', '.join(npz.files) or 'nothing'}); "
+                                 "write one with python -m diffusion_lab.sample")
+            images, labels = npz["images"], (npz["labels"] if "labels" in npz.files else None)
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise ValueError(f"{path} is not a readable .npz file ({err})") from None
+    size = tuple(size)
+    if images.dtype != np.uint8 or images.ndim != 3 or tuple(images.shape[1:]) != size or len(images) == 0:
+        raise ValueError(f"{path}: 'images' must be uint8 of shape (N, {size[0]}, {size[1]}) with N >= 1; "
+                         f"got {images.dtype} {tuple(images.shape)}")
+    return torch.from_numpy(images.copy()), labels
+
+
 def from_unit_range(x: torch.Tensor) -> torch.Tensor:
     """float images in [-1, 1] back to uint8 0..255, same shape (chapter 01). Values outside are clamped.
 

@@ -140,21 +140,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _read_images(path: str) -> tuple[torch.Tensor, np.ndarray | None]:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files if k in ("images", "labels")}
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile) as err:
-        raise ValueError(f"cannot read --in {path}: {type(err).__name__}: {err}") from None
-    if "images" not in arrays:
-        raise ValueError(f"--in {path} has no `images` array")
-    images, labels = arrays["images"], arrays.get("labels")
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE) or not len(images):
-        raise ValueError(f"--in images must be uint8 (N, {IMAGE_SIZE}, {IMAGE_SIZE}) with N >= 1, "
-                         f"got {images.dtype} {images.shape}")
-    return torch.from_numpy(images.copy()), labels
-
-
 def _labels(spec: str, file_labels, images: torch.Tensor, seed: int) -> torch.Tensor:
     n = len(images)
     if spec.strip().lower() != "auto":
@@ -220,7 +205,7 @@ def load_model(checkpoint: str, lora_file: str | None, device="auto"):
 
 def run(args) -> dict:
     _check_args(args)
-    images, file_labels = _read_images(args.inp)
+    images, file_labels = data.read_images(args.inp)
     denoiser, sha = load_model(args.checkpoint, args.lora, args.device)
     if not denoiser.num_classes:
         raise ValueError(f"{args.checkpoint} is unconditional; these commands need a class-conditional model")

@@ -25,7 +25,6 @@ import json
 import math
 import re
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -181,26 +180,6 @@ ATTACKS = ("noise", "blur", "shift", "crop", "quantise")
 
 # --- command line -------------------------------------------------------------------------------------------
 
-def read_images(path, shape: tuple) -> torch.Tensor:
-    """The uint8 `images` (N, H, W) of a sample .npz, checked against a model's sample shape (C, H, W)."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise ValueError(f"no such file: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            if "images" not in npz.files:
-                raise ValueError(f"{path} has no 'images' array (it holds: {', '.join(npz.files) or 'nothing'}); "
-                                 "write one with python -m diffusion_lab.sample")
-            images = npz["images"]
-    except (zipfile.BadZipFile, OSError, EOFError) as err:
-        raise ValueError(f"{path} is not a readable .npz file ({err})") from None
-    want = tuple(shape[-2:])
-    if images.dtype != np.uint8 or images.ndim != 3 or tuple(images.shape[1:]) != want or len(images) == 0:
-        raise ValueError(f"{path}: 'images' must be uint8 of shape (N, {want[0]}, {want[1]}) with N >= 1 for this "
-                         f"checkpoint; got {images.dtype} {tuple(images.shape)}")
-    return torch.from_numpy(images.copy())
-
-
 def detect_command(args) -> dict:
     key = parse_key(args.key)
     if args.steps < 1:
@@ -214,7 +193,7 @@ def detect_command(args) -> dict:
         raise ValueError(f"{args.checkpoint} makes samples of shape {denoiser.shape}; detection reads grey images")
     if args.steps > denoiser.schedule.T:
         raise ValueError(f"--steps {args.steps} is more than the model's T={denoiser.schedule.T}")
-    images = read_images(args.input, denoiser.shape)
+    images, _ = data.read_images(args.input, denoiser.shape[-2:])
     p = detect(denoiser, images, key, args.steps).tolist()
     if args.out is not None:
         atomic_write_bytes(args.out, (json.dumps({"p_values": p}) + "\n").encode())

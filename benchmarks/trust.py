@@ -16,6 +16,9 @@ the samples cover, loss spikes (a step whose loss exceeds the median of the prev
 absolute deviations) and failures (a non-finite loss, or samples covering fewer than 5 classes: a divergence, a
 collapse, or a model that has not learned the digits yet; the record's key is "diverged").
 
+The smallest training sets are also trained for `mem_long_steps`, many more epochs: memorisation is a matter of
+fitting the data closely, and these runs show whether it appears when each digit is seen thousands of times.
+
 Every finished run is saved at once into the result JSON, so a killed run resumes where it stopped:
 
     nohup python benchmarks/trust.py --preset cpu --threads 1 > runs/trust.log 2>&1 &
@@ -42,10 +45,11 @@ from diffusion_lab.sample import generate  # noqa: E402
 from diffusion_lab.training import NonFiniteError, TrainConfig, train  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(mem_sizes=[20, 60], mem_steps=3, n_samples=20, stab_steps=3, seeds=[0, 1], lr_factors=[0.25, 4.0],
+    "smoke": dict(mem_sizes=[20, 60], mem_steps=3, mem_long_sizes=[20], mem_long_steps=6, n_samples=20, stab_steps=3, seeds=[0, 1], lr_factors=[0.25, 4.0],
                   batch_size=8, channels=[8, 16, 16], gan_width=8, ddim_steps=2, n_fid=50),
-    "cpu": dict(mem_sizes=[100, 1000, 10000, 60000], mem_steps=800, n_samples=200, stab_steps=150,
-                seeds=[0, 1, 2, 3, 4], lr_factors=[0.25, 4.0], batch_size=32, channels=[16, 32, 32],
+    "cpu": dict(mem_sizes=[100, 1000, 10000, 60000], mem_steps=800, mem_long_sizes=[100, 1000], mem_long_steps=6400,
+                n_samples=200, stab_steps=1000,
+                seeds=[0, 1, 2, 3, 4], lr_factors=[0.25, 0.5, 2.0, 4.0], batch_size=32, channels=[16, 32, 32],
                 gan_width=32, ddim_steps=10, n_fid=200),
 }
 HEADLINE = "python benchmarks/trust.py --preset cpu --threads 1"
@@ -94,8 +98,8 @@ def copy_stats(samples: torch.Tensor, train_images: torch.Tensor) -> dict:
             "median_d1": d1.median().item(), "median_ratio": ratio.median().item()}
 
 
-def memorisation_run(p: dict, size: int, images, labels, test_images, classifier) -> tuple[dict, dict]:
-    config = diffusion_config(p, p["mem_steps"], BASE_LR["diffusion"], seed=0)
+def memorisation_run(p: dict, size: int, steps: int, images, labels, test_images, classifier) -> tuple[dict, dict]:
+    config = diffusion_config(p, steps, BASE_LR["diffusion"], seed=0)
     result = train(config, progress=False, images=images[:size], labels=labels[:size])
     x0 = generate(result.denoiser, n=p["n_samples"], sampler="ddim", steps=p["ddim_steps"], seed=1, clip_x0=1.0)
     samples = data.from_unit_range(x0)[:, 0]
@@ -176,7 +180,8 @@ def plan(p: dict) -> list[tuple]:
     runs = [("mem", p["mem_sizes"][0])]
     runs += [("stab", model, seed, 1.0) for model in ("diffusion", "gan") for seed in p["seeds"]]
     runs += [("stab", model, p["seeds"][0], f) for model in ("diffusion", "gan") for f in p["lr_factors"]]
-    return runs + [("mem", size) for size in p["mem_sizes"][1:]]
+    runs += [("mem", size) for size in p["mem_sizes"][1:]]
+    return runs + [("memlong", size) for size in p["mem_long_sizes"]]
 
 
 def key(run: tuple) -> str:
@@ -207,11 +212,12 @@ def render(result: dict) -> str:
     lines += [f"Command: `{result['command']}`. Total wall time {fmt(result.get('total_wall_s'))} s; "
               f"{len(result['memorisation']) + len(result['stability'])} of {result['planned_runs']} runs done.", "",
               f"Memorisation: an unconditional UNet {tuple(p['channels'])} trained {p['mem_steps']} steps of "
-              f"{p['batch_size']} digits on each training-set size; {p['n_samples']} DDIM-{p['ddim_steps']} samples. "
+              f"{p['batch_size']} digits on each training-set size, and {p['mem_long_steps']} steps on the "
+              f"smallest ({', '.join(f'{n:,}' for n in p['mem_long_sizes'])}); {p['n_samples']} DDIM-{p['ddim_steps']} samples. "
               f"A copy: nearest / second-nearest training distance < {COPY_RATIO:.3f}.", ""]
-    rows = [[r["size"], round(r["epochs"], 1), r["final_loss"], r["copy_fraction"], r["real_copy_fraction"],
+    rows = [[r["size"], r["steps"], round(r["epochs"], 1), r["final_loss"], r["copy_fraction"], r["real_copy_fraction"],
              r["median_d1"], r["real_median_d1"], r["median_ratio"]] for r in result["memorisation"].values()]
-    lines += [markdown_table(["training digits", "epochs", "final loss", "copies (samples)", "copies (real test)",
+    lines += [markdown_table(["training digits", "steps", "epochs", "final loss", "copies (samples)", "copies (real test)",
                               "median d1 (samples)", "median d1 (real test)", "median d1/d2"], rows), ""]
     lines += [f"Stability: {p['stab_steps']} steps of {p['batch_size']} for both models; diffusion base lr "
               f"{BASE_LR['diffusion']:g}, GAN base lr {BASE_LR['gan']:g}; classifier-FID of {p['n_fid']} samples "
@@ -255,7 +261,9 @@ def main(argv=None) -> dict:
         same = lambda fields: all(old.get("preset", {}).get(f) == p[f] for f in fields)  # noqa: E731
         if same(MEM_FIELDS) or same(STAB_FIELDS):
             planned = {key(run) for run in plan(p)}
-            result.update(memorisation=old["memorisation"] if same(MEM_FIELDS) else {},
+            long_steps = lambda k, r: not k.startswith("memlong") or r["steps"] == p["mem_long_steps"]  # noqa: E731
+            result.update(memorisation={k: r for k, r in old["memorisation"].items() if k in planned and long_steps(k, r)}
+                          if same(MEM_FIELDS) else {},
                           stability={k: v for k, v in old["stability"].items() if k in planned}
                           if same(STAB_FIELDS) else {},
                           machine=old["machine"], elapsed_before=old.get("total_wall_s", 0.0))
@@ -274,8 +282,9 @@ def main(argv=None) -> dict:
         name = key(run)
         if name in result["memorisation"] or name in result["stability"]:
             continue
-        if run[0] == "mem":
-            record, grid = memorisation_run(p, run[1], images, labels, test_images, classifier)
+        if run[0] in ("mem", "memlong"):
+            steps = p["mem_steps"] if run[0] == "mem" else p["mem_long_steps"]
+            record, grid = memorisation_run(p, run[1], steps, images, labels, test_images, classifier)
             result["memorisation"][name] = record
             grids.update({f"{name}-{k}": v for k, v in grid.items()})
         else:

@@ -9,7 +9,8 @@
   (one continuous pitch per voice and step), and `compare_representations`, which measures the two.
 - the model: `to_signal` / `from_signal` (the code it learns: a position on the C major scale plus a "raised"
   flag per voice), `chorale_denoiser` (the package UNet, 1-D), `train_chorales` (training.fit), `compose` and
-  `harmonise` (sample.generate, the soprano as a known region), `parse_melody` (a typed melody);
+  `harmonise` (sample.generate, the soprano as a known region), `sample_with_rules` (rule-guided sampling: the
+  best of K candidates per step by `rule_violations`), `parse_melody` (a typed melody);
 - evaluation: `evaluate` (key, ranges, crossings, parallel fifths and octaves, note lengths), the baselines
   `random_notes` and `MarkovVoices`, and `compare` (the model against both and held-out Bach, over seeds);
 - listening: `synthesise` (a numpy organ), `wav_bytes`, `midi_bytes`; and `sample_command`, which
@@ -36,6 +37,7 @@ from .utils import CacheError, read_pinned, verified_cache, write_pinned
 REST = -1
 VOICES = ("soprano", "alto", "tenor", "bass")
 STEPS_PER_QUARTER = 4  # the 16th-note grid
+CLI_CANDIDATES = 8     # rule-guided sampling's candidates per step, the command line's default (1: the model alone)
 SCORE_SUFFIXES = (".mxl", ".xml", ".musicxml", ".krn")  # the corpus folder also holds Roman-numeral analyses (.rntxt)
 
 # The shared pitch axis: MIDI 30 (F#1) .. 84 (C6). The kept chorales, in C major / A minor, span 31..84
@@ -492,10 +494,19 @@ def soprano_mask(n: int = 1, steps: int = WINDOW) -> "torch.Tensor":
     return mask
 
 
+def _check_candidates(candidates) -> int:
+    if isinstance(candidates, bool) or not isinstance(candidates, (int, np.integer)) or candidates < 1:
+        raise ValueError(f"candidates must be a whole number >= 1 (1: the model alone), got {candidates!r}")
+    return int(candidates)
+
+
 def harmonise(denoiser, sopranos, seed: int = 0, sampler: str = "dpm++2m", steps: int = 20, resample: int = 1,
-              batch_size: int = 256) -> np.ndarray:
+              batch_size: int = 256, candidates: int = 1) -> np.ndarray:
     """Alto, tenor and bass under given soprano lines, by inpainting: (N, steps) or (N, 4, steps) pitches in, whose
-    soprano is kept exactly; int16 (N, 4, steps) out. The other voices of a (N, 4, steps) input are ignored."""
+    soprano is kept exactly; int16 (N, 4, steps) out. The other voices of a (N, 4, steps) input are ignored.
+
+    candidates = 1: the model alone, with `sampler`. candidates = K > 1: rule-guided ancestral sampling
+    (`sample_with_rules`, K candidates per step; `sampler` and `resample` do not apply)."""
     from .sample import generate
 
     sopranos = np.asarray(sopranos)
@@ -504,21 +515,73 @@ def harmonise(denoiser, sopranos, seed: int = 0, sampler: str = "dpm++2m", steps
     if sopranos.ndim != 3 or sopranos.shape[1:] != (4, denoiser.shape[-1]):
         raise ValueError(f"sopranos must be (N, {denoiser.shape[-1]}) or (N, 4, {denoiser.shape[-1]}) pitches, "
                          f"got shape {sopranos.shape}")
-    known = to_signal(sopranos)
-    x0 = generate(denoiser, n=len(known), known=known, mask=soprano_mask(len(known), known.shape[-1]),
-                  sampler=sampler, steps=steps, resample=resample, seed=seed, batch_size=batch_size, clamp=None)
+    known, mask = to_signal(sopranos), soprano_mask(len(sopranos), sopranos.shape[-1])
+    if _check_candidates(candidates) > 1:
+        x0 = sample_with_rules(denoiser, len(known), candidates, steps=steps, seed=seed, known=known, mask=mask,
+                               batch_size=batch_size)
+    else:
+        x0 = generate(denoiser, n=len(known), known=known, mask=mask, sampler=sampler, steps=steps,
+                      resample=resample, seed=seed, batch_size=batch_size, clamp=None)
     out = from_signal(x0)
     out[:, 0] = sopranos[:, 0]  # the given line exactly, rests included (the code filled them)
     return out
 
 
 def compose(denoiser, n: int, seed: int = 0, sampler: str = "dpm++2m", steps: int = 20,
-            batch_size: int = 256) -> np.ndarray:
-    """n unconditional 4-bar fragments: int16 (n, 4, steps) pitches."""
+            batch_size: int = 256, candidates: int = 1) -> np.ndarray:
+    """n unconditional 4-bar fragments: int16 (n, 4, steps) pitches. candidates > 1: rule-guided, as in `harmonise`."""
     from .sample import generate
 
+    if _check_candidates(candidates) > 1:
+        return from_signal(sample_with_rules(denoiser, n, candidates, steps=steps, seed=seed, batch_size=batch_size))
     return from_signal(generate(denoiser, n=n, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size,
                                 clamp=None))
+
+
+def sample_with_rules(denoiser, n: int, candidates: int, steps: int = 20, seed: int = 0, known=None, mask=None,
+                      batch_size: int = 256) -> "torch.Tensor":
+    """Rule-guided ancestral sampling: n codes (n, 8, 64) whose decoded notes break few harmony rules.
+
+    A plain ancestral (DDPM) step draws one x_{t_prev} from the model's posterior. Here each step draws
+    `candidates` of them, asks the network for each one's clean estimate x0_hat, decodes it to notes, and keeps
+    the candidate whose notes break fewest rules (`rule_violations`: parallel fifths and octaves, crossings). The
+    network is not changed and the rules need no gradient: this is the stochastic control guidance of Huang et al.
+    (2024) with its simplest policy, "keep the best of K". It costs K network evaluations per step instead of one.
+    With `known`/`mask` (harmonisation) the known region is conditioned by replacement, as in `harmonise`.
+    """
+    import torch
+
+    from .samplers import check_known_region, ddpm_posterior, predict, sampling_timesteps, with_known_region
+
+    K, (shape, schedule) = _check_candidates(candidates), (tuple(denoiser.shape), denoiser.schedule)
+    generator = torch.Generator().manual_seed(seed)
+    x_T = torch.randn((n, *shape), generator=generator)
+    if known is None:
+        known, mask = torch.zeros_like(x_T), torch.zeros_like(x_T)
+    known, mask = check_known_region(known, mask, x_T.shape)
+    ts, device = sampling_timesteps(schedule.T, steps).tolist(), denoiser.device
+    alpha_bar = lambda t: schedule.alpha_bars[t].to(device=device, dtype=torch.float32)  # noqa: E731
+    out = []
+    with torch.no_grad():
+        for lo in range(0, n, batch_size):
+            x, k, m = (a[lo:lo + batch_size].to(device) for a in (x_T, known, mask))
+            B, k_K, m_K = len(x), k.repeat(K, 1, 1), m.repeat(K, 1, 1)
+            _, x0_hat = predict(with_known_region(denoiser, schedule, k, m, generator), x, ts[0], alpha_bar(ts[0]),
+                                denoiser.prediction)
+            model = with_known_region(denoiser, schedule, k_K, m_K, generator)  # scores K candidates at once
+            for t, t_prev in zip(ts, ts[1:] + [-1]):
+                mean, std = ddpm_posterior(schedule, x, x0_hat, t, t_prev)
+                if t_prev < 0:
+                    x = mean
+                    break
+                noise = torch.randn((K * B, *shape), generator=generator).to(device)
+                tries = mean.repeat(K, 1, 1) + std * noise
+                _, x0_tries = predict(model, tries, t_prev, alpha_bar(t_prev), denoiser.prediction)
+                score = rule_violations(from_signal(m_K * k_K + (1 - m_K) * x0_tries)).reshape(K, B)
+                best = torch.from_numpy(score.argmin(axis=0)).to(device) * B + torch.arange(B, device=device)
+                x, x0_hat = tries[best], x0_tries[best]
+            out.append((m * k + (1 - m) * x).cpu())
+    return torch.cat(out)
 
 
 NOTE_NAMES = {"C": 0, "D": 2, "E": 4, "F": 5, "G": 7, "A": 9, "B": 11}
@@ -586,22 +649,38 @@ def _distribution(values, bins: int) -> np.ndarray:
     return counts / max(1.0, counts.sum())
 
 
+def _parallel_counts(x, intervals) -> np.ndarray:
+    """(N,) per window: pairs of voices that move in the same direction from one vertical to the next and sound one
+    of `intervals` (mod 12) in both. Verticals are the steps where any voice changes; between two of them nothing
+    moves, so comparing every step with the one before counts exactly the same pairs of verticals."""
+    x = np.asarray(x, dtype=np.int64)
+    i, j = np.triu_indices(4, 1)
+    a, b = x[:, i], x[:, j]                                           # (N, 6 pairs of voices, steps)
+    interval = (a - b) % 12
+    sounding = (a != REST) & (b != REST)
+    da, db = np.diff(a, axis=-1), np.diff(b, axis=-1)
+    same = (interval[..., 1:] == interval[..., :-1]) & np.isin(interval[..., 1:], intervals)
+    moved = (da != 0) & (np.sign(da) == np.sign(db))
+    return (same & moved & sounding[..., 1:] & sounding[..., :-1]).sum(axis=(1, 2))
+
+
 def parallels(x, interval: int) -> int:
-    """Parallel fifths (interval 7) or octaves/unisons (0): pairs of voices that move in the same direction from one
-    vertical to the next (verticals = steps where any voice changes) and sound that interval (mod 12) in both."""
-    total = 0
-    for w in np.asarray(x):
-        change = np.flatnonzero(np.r_[True, (w[:, 1:] != w[:, :-1]).any(axis=0)])
-        v = w[:, change]  # (4, verticals)
-        for i in range(4):
-            for j in range(i + 1, 4):
-                a, b = v[i], v[j]
-                sounding = (a != REST) & (b != REST)
-                both = sounding[:-1] & sounding[1:]
-                same = ((a[:-1] - b[:-1]) % 12 == interval) & ((a[1:] - b[1:]) % 12 == interval)
-                moved = (a[1:] != a[:-1]) & (np.sign(a[1:] - a[:-1]) == np.sign(b[1:] - b[:-1]))
-                total += int((both & same & moved).sum())
-    return total
+    """Parallel fifths (interval 7) or octaves/unisons (0) in windows x (N, 4, steps): pairs of voices that move in
+    the same direction from one vertical to the next (verticals = steps where any voice changes) and sound that
+    interval (mod 12) in both."""
+    return int(_parallel_counts(x, [interval]).sum())
+
+
+def crossings(x) -> np.ndarray:
+    """(N,) per window: adjacent voices out of order (alto above soprano, ...), counted on every beat."""
+    on_beat = np.asarray(x)[..., ::STEPS_PER_QUARTER]
+    return ((on_beat[:, 1:] > on_beat[:, :-1]) & (on_beat[:, 1:] != REST) & (on_beat[:, :-1] != REST)).sum(axis=(1, 2))
+
+
+def rule_violations(x) -> np.ndarray:
+    """(N,) per window: parallel fifths + parallel octaves + voice crossings, the rules a harmony teacher checks
+    first, as `evaluate` counts them. The score that rule-guided sampling (`sample_with_rules`) minimises."""
+    return _parallel_counts(x, [0, 7]) + crossings(x)
 
 
 def evaluate(x, reference, ranges=None) -> dict:
@@ -620,13 +699,11 @@ def evaluate(x, reference, ranges=None) -> dict:
     sounding = x != REST
     pcs = lambda y: _distribution((y[y != REST] % 12).astype(int), 12)  # noqa: E731
     outside = sounding & ((x < ranges[None, :, :1]) | (x > ranges[None, :, 1:]))
-    on_beat = x[..., ::STEPS_PER_QUARTER]
-    crossed = (on_beat[:, 1:] > on_beat[:, :-1]) & (on_beat[:, 1:] != REST) & (on_beat[:, :-1] != REST)
     lengths, lengths_ref = note_lengths(x), note_lengths(reference)
     return {"pitch_class_distance": 0.5 * float(np.abs(pcs(x) - pcs(reference)).sum()),
             "in_key": in_key_share(x, SCALE),
             "range_violations": float(outside.sum() / max(1, sounding.sum())),
-            "crossings_per_100_beats": 100 * float(crossed.sum()) / beats,
+            "crossings_per_100_beats": 100 * float(crossings(x).sum()) / beats,
             "parallel_fifths_per_100_beats": 100 * parallels(x, 7) / beats,
             "parallel_octaves_per_100_beats": 100 * parallels(x, 0) / beats,
             "note_length_distance": 0.5 * float(np.abs(_distribution(lengths, 17) -
@@ -788,7 +865,7 @@ def sample_command(denoiser, args, checkpoint_file: str, sha256: str | None) -> 
     from .utils import atomic_write_bytes
 
     if not is_chorale_model(denoiser):
-        raise ValueError(f"--soprano-from, --midi and --wav need a chorale model (samples of shape {SHAPE}); "
+        raise ValueError(f"--soprano-from, --midi, --wav and --candidates need a chorale model (samples of shape {SHAPE}); "
                          f"{args.checkpoint} makes {tuple(denoiser.shape)}")
     unused = [flag for flag, value in (("--grid", args.grid), ("--slant", args.slant),
                                        ("--thickness", args.thickness), ("--evaluate", args.evaluate or None),
@@ -799,6 +876,9 @@ def sample_command(denoiser, args, checkpoint_file: str, sha256: str | None) -> 
         raise ValueError(f"{', '.join(unused)}: for digit models only; {args.checkpoint} is a chorale model")
     if args.steps > denoiser.schedule.T:
         raise ValueError(f"--steps {args.steps} is more than the model's T={denoiser.schedule.T} diffusion steps")
+    candidates = CLI_CANDIDATES if args.candidates is None else args.candidates
+    if candidates < 1:
+        raise ValueError(f"--candidates must be at least 1 (1: the model alone), got {candidates}")
     for flag, folder in zip(("--midi", "--wav"), (args.midi, args.wav)):
         if folder is not None and (not str(folder).strip() or Path(folder).expanduser().is_file()):
             raise ValueError(f"{flag} must name a folder, got {folder!r}")
@@ -806,14 +886,16 @@ def sample_command(denoiser, args, checkpoint_file: str, sha256: str | None) -> 
     if args.soprano_from == "test":
         sopranos, index = test_sopranos(args.n, args.seed)
         rolls = harmonise(denoiser, sopranos, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, candidates=candidates)
     else:
         index = None
         rolls = compose(denoiser, args.n, seed=args.seed, sampler=args.sampler, steps=args.steps,
-                        batch_size=args.batch_size)
+                        batch_size=args.batch_size, candidates=candidates)
     seconds = time.perf_counter() - start
+    sampler = args.sampler if candidates == 1 else f"ddpm, rule-guided ({candidates} candidates per step)"
     meta = {"checkpoint": str(args.checkpoint), "file": str(checkpoint_file), "sha256": sha256,
-            "sha256_verified": sha256 is not None, "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
+            "sha256_verified": sha256 is not None, "sampler": sampler, "candidates": candidates, "steps": args.steps,
+            "seed": args.seed,
             "n": args.n, "soprano_from": args.soprano_from, "voices": list(VOICES), "steps_per_quarter":
             STEPS_PER_QUARTER, "rest": REST, "key": "C major / A minor", "seconds": round(seconds, 3)}
     arrays = {"rolls": rolls.astype(np.int16), "meta": np.array(json.dumps(meta))}
@@ -839,12 +921,14 @@ def sample_command(denoiser, args, checkpoint_file: str, sha256: str | None) -> 
 
 
 def compare(denoiser, seeds=(0, 1, 2), n: int | None = None, steps: int = 20, chorales: Chorales | None = None,
-            progress=None) -> dict:
+            progress=None, candidates: int = CLI_CANDIDATES) -> dict:
     """Harmonise every held-out soprano (or the first n windows) and compose as many fragments, once per seed; score
-    them and both baselines (given the same sopranos) against the held-out windows with `evaluate`.
+    them and both baselines (given the same sopranos) against the held-out windows with `evaluate`. "diffusion" is
+    the model alone (DPM-Solver++(2M)); "diffusion + rules" is rule-guided sampling with `candidates` per step.
 
-    Returns {"n", "seeds", "steps", "rows": {task: {method: {metric: [one value per seed]}}}}; the ceiling "bach"
-    (held-out windows against themselves: distances 0) and "bach-train" (as many training windows) appear once."""
+    Returns {"n", "seeds", "steps", "candidates", "rows": {task: {method: {metric: [one value per seed]}}}}; the
+    ceiling "bach" (held-out windows against themselves: distances 0) and "bach-train" (as many training windows)
+    appear once."""
     chorales = bach_chorales() if chorales is None else chorales
     train, test = windows(split(chorales, "train"), WINDOW), windows(split(chorales, "test"), WINDOW)
     test = test if n is None else test[:n]
@@ -859,14 +943,18 @@ def compare(denoiser, seeds=(0, 1, 2), n: int | None = None, steps: int = 20, ch
     for seed in seeds:
         sopranos = test[:, 0]
         add("harmonise", "diffusion", harmonise(denoiser, sopranos, seed=seed, steps=steps))
+        add("harmonise", "diffusion + rules", harmonise(denoiser, sopranos, seed=seed, steps=steps,
+                                                        candidates=candidates))
         add("harmonise", "markov", markov.sample(len(test), seed=seed, sopranos=sopranos))
         add("harmonise", "random", random_notes(len(test), ranges, lengths, seed=seed, sopranos=sopranos))
         add("compose", "diffusion", compose(denoiser, len(test), seed=seed, steps=steps))
+        add("compose", "diffusion + rules", compose(denoiser, len(test), seed=seed, steps=steps, candidates=candidates))
         add("compose", "markov", markov.sample(len(test), seed=seed))
         add("compose", "random", random_notes(len(test), ranges, lengths, seed=seed))
         if progress is not None:
             progress(seed)
-    return {"n": int(len(test)), "seeds": list(seeds), "steps": steps, "ranges": ranges.tolist(), "rows": rows}
+    return {"n": int(len(test)), "seeds": list(seeds), "steps": steps, "candidates": candidates,
+            "ranges": ranges.tolist(), "rows": rows}
 
 
 def summary_table(result: dict) -> str:

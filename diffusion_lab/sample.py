@@ -234,6 +234,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="chorale models: harmonise held-out Bach sopranos (alto, tenor, bass generated)")
     p.add_argument("--midi", default=None, help="chorale models: also write one MIDI file per sample into this folder")
     p.add_argument("--wav", default=None, help="chorale models: also write one WAV file per sample into this folder")
+    p.add_argument("--candidates", type=int, default=None,
+                   help="chorale models: rule-guided sampling, keeping the best of this many candidates at each "
+                        "ancestral step (default 8; 1 = the model alone, with --sampler)")
     # provenance (chapter 14): a Tree-Ring watermark in the starting noise
     p.add_argument("--watermark", default=None, metavar="KEY",
                    help="embed a Tree-Ring mark with this key (8-64 hex digits); find it with "
@@ -280,7 +283,7 @@ def run(args) -> dict:
         denoiser = lora.with_lora(denoiser, args.lora, base_sha256=expected_sha or file_sha256(path))
     if args.watermark is not None and (music.is_chorale_model(denoiser) or denoiser.context_dim):
         raise ValueError(f"--watermark marks the starting noise of the digit models; {args.checkpoint} is not one")
-    if music.is_chorale_model(denoiser) or args.soprano_from or args.midi is not None or args.wav is not None:
+    if music.is_chorale_model(denoiser) or args.soprano_from or {args.midi, args.wav, args.candidates} != {None}:
         return music.sample_command(denoiser, args, path, expected_sha)  # chapter 11: rolls of four voices
     if denoiser.context_dim or {args.prompt, args.prompts, args.negative_prompt} != {None}:  # chapter 10: prompts
         from . import tiny_sd

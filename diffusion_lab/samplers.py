@@ -84,18 +84,22 @@ def _steps(schedule, x_T, steps, progress, desc):
     return tqdm(pairs, desc=desc, disable=not progress, leave=False)
 
 
+def ddpm_posterior(schedule: NoiseSchedule, x: torch.Tensor, x0_hat: torch.Tensor, t: int, t_prev: int):
+    """Mean and standard deviation of q(x_{t_prev} | x_t = x, x0 = x0_hat), DDPM eq. 7 (std 0 at the clean end)."""
+    alpha_bar_t, alpha_bar_prev = _alpha_bar(schedule, t, x), _alpha_bar(schedule, t_prev, x)
+    beta_t = 1 - alpha_bar_t / alpha_bar_prev
+    mean = (alpha_bar_prev.sqrt() * beta_t * x0_hat + (1 - beta_t).sqrt() * (1 - alpha_bar_prev) * x) / (1 - alpha_bar_t)
+    return mean, (beta_t * (1 - alpha_bar_prev) / (1 - alpha_bar_t)).sqrt()
+
+
 def ddpm_step(model, schedule: NoiseSchedule, x: torch.Tensor, t: int, t_prev: int, prediction: str,
               generator: torch.Generator | None = None, clip_x0: float | None = None):
     """One ancestral step from level t to t_prev < t: returns (x_{t_prev}, x0_hat). Used by DDPM and RePaint."""
-    alpha_bar_t, alpha_bar_prev = _alpha_bar(schedule, t, x), _alpha_bar(schedule, t_prev, x)
-    _, x0_hat = predict(model, x, t, alpha_bar_t, prediction, clip_x0)
-    beta_t = 1 - alpha_bar_t / alpha_bar_prev
-    # posterior mean of q(x_{t_prev} | x_t, x0_hat), DDPM eq. 7
-    mean = (alpha_bar_prev.sqrt() * beta_t * x0_hat + (1 - beta_t).sqrt() * (1 - alpha_bar_prev) * x) / (1 - alpha_bar_t)
+    _, x0_hat = predict(model, x, t, _alpha_bar(schedule, t, x), prediction, clip_x0)
+    mean, std = ddpm_posterior(schedule, x, x0_hat, t, t_prev)
     if t_prev < 0:
         return mean, x0_hat
-    variance = beta_t * (1 - alpha_bar_prev) / (1 - alpha_bar_t)
-    return mean + variance.sqrt() * _noise(x, generator), x0_hat
+    return mean + std * _noise(x, generator), x0_hat
 
 
 @torch.no_grad()

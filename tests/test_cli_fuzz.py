@@ -307,6 +307,7 @@ SAMPLE = {
                ["typeset-lora", _inputs_path("other-lora.safetensors"), TINY, "no-such-lora", *BAD_CHECKPOINTS[2:5]]),
     "--midi": (["mid", "."], ["existing.npz", "existing.npz/sub", ""]),
     "--wav": (["wav", "sub/wav"], ["existing.npz", ""]),
+    "--candidates": (["1", "2"], ["0", "-3", "x"]),
     "--watermark": (["3f9a1c2e"], ["xyz", "", "3f9a", "g" * 8, "0" * 65]),
 }
 SAMPLE_OUTPUTS = {"--out": "npz", "--grid": "png", "--midi": "folder", "--wav": "folder"}

@@ -126,6 +126,50 @@ def test_parallel_fifths_and_octaves_counted_by_hand():
     assert music.parallels(x, 0) == 0, "repeated (held) verticals move nowhere"
 
 
+def _parallels_by_verticals(x, interval):
+    """The definition read literally: collapse each window to its verticals, then compare neighbouring ones."""
+    total = 0
+    for w in x:
+        v = w[:, np.flatnonzero(np.r_[True, (w[:, 1:] != w[:, :-1]).any(axis=0)])]
+        for i in range(4):
+            for j in range(i + 1, 4):
+                for k in range(v.shape[1] - 1):
+                    a0, a1, b0, b1 = v[i, k], v[i, k + 1], v[j, k], v[j, k + 1]
+                    if music.REST in (a0, a1, b0, b1) or a0 == a1 or np.sign(a1 - a0) != np.sign(b1 - b0):
+                        continue
+                    total += (a0 - b0) % 12 == interval and (a1 - b1) % 12 == interval
+    return total
+
+
+def test_parallels_step_by_step_equal_parallels_between_verticals(held_out):
+    """`parallels` compares neighbouring steps (vectorised); between two verticals nothing moves, so it must count
+    exactly what comparing neighbouring verticals counts, on real windows and on random ones with rests."""
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(55, 67, size=(40, 4, 16)).astype(np.int16)
+    noisy[rng.random(noisy.shape) < 0.1] = music.REST
+    for x in (held_out[:60], noisy):
+        for interval in (0, 7):
+            assert music.parallels(x, interval) == _parallels_by_verticals(x, interval)
+    assert (music.rule_violations(noisy) == music._parallel_counts(noisy, [0, 7]) + music.crossings(noisy)).all()
+
+
+def test_rule_guided_sampling_breaks_fewer_rules_and_keeps_the_soprano(held_out):
+    """The shipped model with K = 4 candidates per step against the same ancestral sampler with K = 1 (which is
+    plain DDPM): keeping the candidate with the fewest violations must at least halve them."""
+    model = load_denoiser("bach-chorales", device="cpu")
+    sopranos = held_out[:24, 0]
+    known, mask = music.to_signal(np.stack([sopranos] * 4, axis=1)), music.soprano_mask(24)
+    plain, ruled = (music.from_signal(music.sample_with_rules(model, 24, k, steps=10, seed=3, known=known, mask=mask))
+                    for k in (1, 4))
+    assert np.array_equal(music.to_signal(ruled)[:, [0, 4]], known[:, [0, 4]]), "the soprano's code is kept"
+    assert music.rule_violations(ruled).sum() <= 0.5 * music.rule_violations(plain).sum(), (
+        music.rule_violations(ruled).sum(), music.rule_violations(plain).sum())
+    out = music.harmonise(model, held_out[:6, 0], steps=4, candidates=2)
+    assert np.array_equal(out[:, 0], held_out[:6, 0])
+    with pytest.raises(ValueError, match="candidates must be"):
+        music.compose(model, 2, candidates=0)
+
+
 def test_evaluate_counts_crossings_ranges_and_key():
     reference = chord_line((E + 12, G, C, C - 12), (F + 12, A, C, F - 24), each=8)[None]
     ranges = [[70, 80], [60, 70], [55, 62], [40, 50]]
@@ -236,3 +280,9 @@ def test_cli_unconditional_and_bad_input(tiny, tmp_path):
     with pytest.raises(SystemExit, match="need a chorale model"):
         sample.main(["--checkpoint", "mnist-cond", "--n", "1", "--steps", "1", "--out", str(tmp_path / "w.npz"),
                      "--soprano-from", "test"])
+    with pytest.raises(SystemExit, match="need a chorale model"):
+        sample.main(["--checkpoint", "mnist-cond", "--n", "1", "--steps", "1", "--out", str(tmp_path / "w.npz"),
+                     "--candidates", "4"])
+    with pytest.raises(SystemExit, match="--candidates must be at least 1"):
+        sample.main(["--checkpoint", str(path), "--n", "2", "--steps", "2", "--out", str(tmp_path / "w.npz"),
+                     "--candidates", "0"])

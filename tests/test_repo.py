@@ -61,8 +61,9 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "train": {"training"},
     # Part III/IV: one module per idea, above the core
     # chapter 11: Bach chorales (data.default_root, utils' verified cache); its model is fit's UNet, sampled by
-    # sample.generate, and sample's CLI hands chorale checkpoints back to music.sample_command
-    "music": {"data", "utils", "denoiser", "schedules", "unet", "training", "sample"},
+    # sample.generate, and sample's CLI hands chorale checkpoints back to music.sample_command; rule-guided
+    # sampling draws its candidates from samplers.ddpm_posterior
+    "music": {"data", "utils", "denoiser", "schedules", "unet", "training", "sample", "samplers"},
     "__init__": {"utils"},
     # Parts III and IV: one module per idea, above the core
     "video": {"data", "utils"},  # chapter 12's Moving MNIST, made from data.mnist

@@ -26,7 +26,8 @@ class Shipped(NamedTuple):
     sha256: str   # of checkpoints/<name>.safetensors
     kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set),
                   # "lora" (chapter 09: merged into its base with --lora), "chorales" (chapter 11: sampled by
-                  # diffusion_lab.sample, writing `rolls`), "autoencoder" and "text-to-image" (chapter 10: --prompt)
+                  # diffusion_lab.sample, writing `rolls`), "autoencoder" and "text-to-image" (chapter 10: --prompt),
+                  # "video" (chapter 12: sampled by diffusion_lab.sample, writing `clips`)
 
 
 # name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.

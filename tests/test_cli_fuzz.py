@@ -263,7 +263,7 @@ def run_cli(module: str, argv: list[str], inputs: Path, outputs: dict[str, str],
         after = _snapshot(work)
         for path, blob in after.items():
             assert not path.name.endswith((".tmp", ".lock")), f"left behind: {path.name}\n{shown}"
-            in_folder = any(f in path.resolve().parents for f in folders) and path.suffix in (".mid", ".wav")
+            in_folder = any(f in path.resolve().parents for f in folders) and path.suffix in (".mid", ".wav", ".gif")
             if (path.resolve() in targets or in_folder) and before.get(path) != blob:
                 _complete(path, "folder" if in_folder else targets[path.resolve()])  # whole, never half
             else:

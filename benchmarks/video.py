@@ -43,7 +43,8 @@ def ship(run: str, out: str) -> None:
     losses = tensors["history.loss"]
     sha = save_denoiser(out, denoiser, training={
         "steps": meta["step"], "elapsed_s": meta["elapsed_s"], "fit": meta["fit"], "record": meta["record"],
-        "loss_first_50": round(losses[:50].mean().item(), 5), "loss_last_50": round(losses[-50:].mean().item(), 5)})
+        "loss_first_50": round(losses[:50].mean().item(), 5), "loss_last_50": round(losses[-50:].mean().item(), 5),
+        "loss_per_25_steps": [round(x, 5) for x in losses[: len(losses) // 25 * 25].reshape(-1, 25).mean(1).tolist()]})
     print(json.dumps({"out": out, "sha256": sha, "bytes": Path(out).stat().st_size, "step": meta["step"]}))
 
 
@@ -108,6 +109,88 @@ def one_seed(denoiser, image_model, seed: int, n: int, steps: int, guidance: flo
     }
 
 
+def card(result: dict, sha256: str, size: int) -> str:
+    """The model card checkpoints/moving-mnist.md, every number from `result` (this script's JSON)."""
+    import numpy as np
+
+    runs, c, t = result["runs"], result["cost"], result["training"]
+    mean = lambda f: float(np.mean([f(r) for r in runs]))  # noqa: E731
+    sd = lambda f: float(np.std([f(r) for r in runs]))  # noqa: E731
+    rows = []
+    for kind in ("real", "generated", "baseline"):
+        rows.append(f"| {kind} | " + " | ".join(
+            f"{mean(lambda r: r[kind][s]) * k:.{d}f} ± {sd(lambda r: r[kind][s]) * k:.{d}f}"
+            for s, k, d in (("accuracy", 100, 1), ("consistency", 100, 1), ("smoothness_px", 1, 3), ("speed_px", 1, 3)))
+            + " |")
+    horizon = lambda task, m, key: [float(x) for x in np.mean([r[task][m][key] for r in runs], axis=0)]  # noqa: E731
+    fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
+    return f"""# Model card: `moving-mnist`
+
+A class-conditional diffusion model of 8-frame, 32 x 32 Moving MNIST clips with one digit (chapter 12). Load it with
+`diffusion_lab.denoiser.load_denoiser("moving-mnist")` (SHA-256 verified against `checkpoint.SHIPPED`); sample it
+with `python -m diffusion_lab.sample --checkpoint moving-mnist --n 32 --labels cycle --seed 0 --out clips.npz`
+(add `--context-from test --context-frames 4` to continue held-out clips, `--gif DIR` for animations).
+Every number below is written by `python benchmarks/video.py` from `benchmarks/results/video.json`.
+
+## File
+
+| | |
+|---|---|
+| file | `checkpoints/moving-mnist.safetensors` (checkpoint format 2: `net.*` EMA weights, the schedule's betas, the contract and the training record as JSON; no pickle) |
+| size | {size:,} bytes |
+| SHA-256 | `{sha256}` |
+| made by | `python benchmarks/video.py --ship runs/moving-mnist-run.safetensors` (the run's EMA weights, decay {t["fit"]["ema_decay"]}) |
+
+## Model
+
+`UNet(in_channels=1, channels=(16, 32, 64), attention=True, num_classes=10, dims="2+1d")`: {c["parameters"]:,}
+parameters, {c["parameters"] - c["parameters_without_temporal"]:,} of them in the zero-initialised 3x1x1 temporal
+convs and their norms. {c["flops_per_clip"] / 1e9:.3f} GFLOPs per network evaluation on one clip
+({c["flops_per_clip_without_temporal"] / 1e9:.3f} without the temporal layers; torch's FLOP counter). v-prediction,
+cosine schedule, T = 1000, all inherited from `mnist-cond`, whose spatial weights it starts from
+(`video.video_denoiser`; the null style's embedding folded into a bias).
+
+## Training
+
+| | |
+|---|---|
+| command | `video.train_video("runs/moving-mnist-run.safetensors", steps=1800, batch_size=16, lr=1e-3, max_minutes=36)` with one torch thread, resumed once (started with steps=1000, raised to 1800 at step 150) |
+| data | `video.clip_batches()`: fresh one-digit clips from the 60,000 MNIST training digits every step |
+| steps | {t["steps"]:,} of 16 clips (stopped by the time budget); warm-up {t["fit"]["warmup"]}, lr {t["fit"]["lr"]}, cosine decay, label dropout {t["fit"]["p_uncond"]} |
+| hardware | 2-core CPU shared with other jobs, one thread |
+| wall time | {t["elapsed_s"]:,.0f} s (the checkpoint's `elapsed_s`) |
+| loss | {t["loss_first_50"]:.4f} (mean of the first 50 steps) to {t["loss_last_50"]:.4f} (last 50) |
+
+## Evaluation
+
+{result["n"]} held-out clips per seed (`video.test_clips`, MNIST test digits only), seeds {result["seeds"]},
+DPM-Solver++(2M) with {result["steps"]} steps, guidance {result["guidance"]} for generation. Mean ± std over seeds.
+Frames are classified by `mnist-classifier` on each digit's 28 x 28 crop (real clips: along their true path;
+generated and baseline: around the ink's centre). Baseline: `mnist-cond` drawing a new digit of the label for every
+frame, pasted along the real clip's path.
+
+| clips | per-frame accuracy % | identity consistency % | bounce-fit residual px | speed px/frame |
+|---|---|---|---|---|
+{chr(10).join(rows)}
+
+Prediction from the first {result["context_frames"]} frames (no label), per frame ahead:
+ink-centre distance (px) model {fmt(horizon("prediction", "model", "centre_px"))}; copy-last
+{fmt(horizon("prediction", "copy_last", "centre_px"))}. Pixel MSE model {fmt(horizon("prediction", "model", "mse"))};
+copy-last {fmt(horizon("prediction", "copy_last", "mse"))}.
+
+Interpolation from frames 0 and 7, per middle frame: ink-centre distance (px) model
+{fmt(horizon("interpolation", "model", "centre_px"))}; cross-fade {fmt(horizon("interpolation", "crossfade", "centre_px"))}.
+
+Sampling time: {mean(lambda r: r["generate_s_per_clip"]):.2f} s per generated clip on one shared CPU core
+(20 steps, guided). Benchmark wall time {result["total_wall_s"]:.0f} s per process ({result.get("processes", 1)} processes).
+
+## Limits
+
+One digit per clip on a 32 x 32 canvas with 4 pixels of room, 8 frames; trained for well under an hour of one CPU
+core. The metrics depend on the repository's classifier and on a centroid tracker.
+"""
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default="moving-mnist", help="a shipped name or a .safetensors path")
@@ -119,11 +202,28 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--ship", default=None, metavar="RUN", help="write the shipped file from this training run and stop")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="join result files of the same settings run as separate processes (one seed each) into --out")
+    p.add_argument("--card", action="store_true", help="write checkpoints/moving-mnist.md from --out and stop")
     p.add_argument("--ship-to", default=str(REPO / "checkpoints" / "moving-mnist.safetensors"))
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.ship:
         ship(args.ship, args.ship_to)
+        return 0
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        merged = {**parts[0], "runs": [r for part in parts for r in part["runs"]],
+                  "seeds": [s for part in parts for s in part["seeds"]],
+                  "total_wall_s": max(part["total_wall_s"] for part in parts), "processes": len(parts)}
+        Path(args.out).write_text(json.dumps(merged, indent=1) + "\n")
+        return 0
+    if args.card:
+        from diffusion_lab.utils import file_sha256
+
+        shipped = Path(args.ship_to)
+        text = card(json.loads(Path(args.out).read_text()), file_sha256(shipped), shipped.stat().st_size)
+        (shipped.parent / "moving-mnist.md").write_text(text)
         return 0
     denoiser = load_denoiser(args.checkpoint, device="cpu")
     image_model = load_denoiser(video.IMAGE_MODEL, device="cpu")

@@ -26,7 +26,8 @@ class Shipped(NamedTuple):
     sha256: str   # of checkpoints/<name>.safetensors
     kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set),
                   # "lora" (chapter 09: merged into its base with --lora), "chorales" (chapter 11: sampled by
-                  # diffusion_lab.sample, writing `rolls`), "autoencoder" and "text-to-image" (chapter 10: --prompt)
+                  # diffusion_lab.sample, writing `rolls`), "autoencoder" and "text-to-image" (chapter 10: --prompt),
+                  # "video" (chapter 12: sampled by diffusion_lab.sample, writing `clips`)
 
 
 # name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.
@@ -39,6 +40,7 @@ SHIPPED: dict[str, Shipped] = {
     "bach-chorales": Shipped("073a59d0d2d71e3ba2fb8deea02ca4a1000dc3d0067e19716fc00b5b67f8d659", "chorales"),  # chapter 11
     "tiny-sd": Shipped("4ad52447b589f78cb5224dd52b4a66d2d3dc09486a4583270059b48d69b179d0", "text-to-image"),
     "mnist-vae": Shipped("0ffdc2e76fac113702cf677bb0d658b894beeb959e5495c23eaff6dcae780839", "autoencoder"),
+    "moving-mnist": Shipped("7ab379f571e00958d2a74098dd84d2743397fce9f55253775db7ebf43743006c", "video"),  # chapter 12
 }
 
 CHECKPOINT_ENV = "DIFFUSION_LAB_CHECKPOINTS"

@@ -129,7 +129,7 @@ def load_denoiser(name_or_path: str | os.PathLike, device=None, use_ema: bool = 
     """Load a trained denoiser for sampling: a shipped name (SHA-256 verified, e.g. "mnist-cond") or a path to a
     shipped file or a training run's checkpoint (its EMA weights unless use_ema=False)."""
     kind = SHIPPED[str(name_or_path)].kind if str(name_or_path) in SHIPPED else None
-    if kind not in (None, "diffusion", "chorales", "text-to-image"):  # chorales: chapter 11; prompts: chapter 10
+    if kind not in (None, "diffusion", "chorales", "text-to-image", "video"):  # chorales: 11; prompts: 10; clips: 12
         raise CheckpointError(f"{name_or_path} is a shipped {kind}, not a generative model: it cannot be sampled")
     tensors, meta = load_checkpoint(name_or_path)
     if meta.get("format") != FORMAT:

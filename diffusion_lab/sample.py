@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import data, lora, music
+from . import data, lora, music, video
 from .checkpoint import SHIPPED, resolve_checkpoint
 from .conditioning import guided, style_code
 from .denoiser import load_denoiser
@@ -237,6 +237,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--candidates", type=int, default=None,
                    help="chorale models: rule-guided sampling, keeping the best of this many candidates at each "
                         "ancestral step (default 8; 1 = the model alone, with --sampler)")
+    # video (chapter 12): a clip model writes `clips` uint8 (N, F, H, W)
+    p.add_argument("--context-from", choices=["test"], default=None,
+                   help="clip models: continue held-out Moving MNIST clips from their first --context-frames frames")
+    p.add_argument("--context-frames", type=int, default=None,
+                   help="clip models: how many frames of each held-out clip are given (default 4)")
+    p.add_argument("--gif", default=None, help="clip models: also write one GIF per clip into this folder")
     # provenance (chapter 14): a Tree-Ring watermark in the starting noise
     p.add_argument("--watermark", default=None, metavar="KEY",
                    help="embed a Tree-Ring mark with this key (8-64 hex digits); find it with "
@@ -281,6 +287,8 @@ def run(args) -> dict:
     denoiser = load_denoiser(args.checkpoint, device=args.device)
     if args.lora:  # chapter 09: refused unless the LoRA was trained on this very file (its SHA-256)
         denoiser = lora.with_lora(denoiser, args.lora, base_sha256=expected_sha or file_sha256(path))
+    if video.is_clip_model(denoiser) or args.context_from or args.context_frames is not None or args.gif is not None:
+        return video.sample_command(denoiser, args, path, expected_sha)  # chapter 12: clips of frames
     if args.watermark is not None and (music.is_chorale_model(denoiser) or denoiser.context_dim):
         raise ValueError(f"--watermark marks the starting noise of the digit models; {args.checkpoint} is not one")
     if music.is_chorale_model(denoiser) or args.soprano_from or {args.midi, args.wav, args.candidates} != {None}:

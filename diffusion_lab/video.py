@@ -212,3 +212,305 @@ def centroid_path(clips: torch.Tensor) -> torch.Tensor:
     rows = (ink.sum(-1) * torch.arange(clips.shape[-2])).sum(-1) / mass
     cols = (ink.sum(-2) * torch.arange(clips.shape[-1])).sum(-1) / mass
     return torch.stack([rows, cols], dim=-1)  # 0 / 0 = NaN for a blank frame
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The clip model: the package UNet in its (2+1)-D layout, class-conditioned on the digit that moves
+# ----------------------------------------------------------------------------------------------------------
+
+SHAPE = (1, FRAMES, SIZE, SIZE)  # one clip: a channel, 8 frames of 32 x 32
+IMAGE_MODEL = "mnist-cond"       # the image model whose spatial layers the clip model starts from
+
+
+def video_denoiser(image_model: str | None = IMAGE_MODEL, channels=(16, 32, 64), frames: int = FRAMES,
+                   size: int = SIZE):
+    """An untrained clip Denoiser: UNet(dims="2+1d"), labels 0..9, cosine schedule, v-prediction.
+
+    With `image_model` (a shipped class-conditional image Denoiser with the same widths) every spatial layer starts
+    from its weights and the temporal convs from zero, so the fresh clip model is that image model run on each frame
+    alone (Ho et al. 2022 train such layers jointly; Singer et al. 2022 and Blattmann et al. 2023 start from an image
+    model, as here). Its style code is dropped: the null style's constant embedding is folded into a bias."""
+    from .denoiser import Denoiser, load_denoiser
+    from .schedules import NoiseSchedule
+    from .unet import UNet
+
+    net = UNet(in_channels=1, channels=tuple(channels), attention=True, num_classes=10, dims="2+1d")
+    if image_model is None:
+        return Denoiser(net, "v", NoiseSchedule.from_name("cosine", 1000), (1, frames, size, size), 10)
+    image = load_denoiser(image_model, device="cpu")
+    weights = dict(image.net.state_dict())
+    if image.net.style_embed is not None:  # style=None means the all-zero style row: a constant added to emb
+        with torch.no_grad():
+            null_style = image.net.style_embed(torch.zeros(1, image.net.style_dim))[0]
+        weights["time_embed.3.bias"] = weights["time_embed.3.bias"] + null_style
+        weights = {k: v for k, v in weights.items() if not k.startswith("style_embed.")}
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if unexpected or any(".temporal" not in k for k in missing):
+        raise ValueError(f"{image_model} does not fit UNet{tuple(channels)}: missing {missing[:3]}, extra {unexpected[:3]}")
+    return Denoiser(net, image.prediction, image.schedule, (1, frames, size, size), image.num_classes)
+
+
+def clip_batches(frames: int = FRAMES, size: int = SIZE, train: bool = True):
+    """A batch source for `training.fit` that draws fresh one-digit clips every step (no epoch, nothing cached):
+    {"x0": (B, 1, F, H, W) in [-1, 1], "labels": (B,)}. One digit per clip: on the 32 x 32 canvas two digits
+    overlap in almost every frame (see the chapter)."""
+    def draw(generator: torch.Generator, batch_size: int) -> dict:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        s = moving_mnist(batch_size, frames=frames, size=size, digits=1, train=train, seed=seed)
+        return {"x0": clips_to_unit_range(s.clips), "labels": s.labels[:, 0]}
+
+    return draw
+
+
+def train_video(out=None, steps: int = 800, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+                image_model: str | None = IMAGE_MODEL, channels=(16, 32, 64), max_minutes: float = 0.0,
+                ckpt_every: int = 50, progress: bool = True, device: str = "cpu"):
+    """Fine-tune `video_denoiser` on fresh Moving MNIST clips with `training.fit` (resumable through `out`).
+    Returns fit's FitResult; its `.denoiser` holds the EMA weights."""
+    from .training import FitConfig, fit
+
+    config = FitConfig(steps=steps, batch_size=batch_size, lr=lr, warmup=50, seed=seed, device=device,
+                       ema_decay=0.995, ckpt_every=ckpt_every, log_every=25, max_minutes=max_minutes, p_uncond=0.1)
+    torch.manual_seed(seed)
+    denoiser = video_denoiser(image_model, channels)
+    record = {"data": "video.clip_batches(): moving_mnist(digits=1, train=True), fresh clips every step",
+              "image_model": image_model}
+    return fit(denoiser, clip_batches(), config, checkpoint=out, progress=progress, record=record)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Three tasks, one sampler: generation, prediction and interpolation are `sample.generate` with different known frames
+# ----------------------------------------------------------------------------------------------------------
+
+def frame_mask(frames: int, known) -> torch.Tensor:
+    """(1, 1, F, 1, 1): 1 on the given frames (kept), 0 on the frames to generate."""
+    mask = torch.zeros(1, 1, frames, 1, 1)
+    mask[:, :, list(known)] = 1
+    return mask
+
+
+def complete(denoiser, clips: torch.Tensor, known, seed: int = 0, steps: int = 20, sampler: str = "dpm++2m",
+             batch_size: int = 64) -> torch.Tensor:
+    """Generate the frames of uint8 clips (n, F, H, W) that are not in `known` (frame indices), keeping the known
+    ones exactly: prediction is known = range(k), interpolation is known = (0, F - 1). No label is given (the null
+    code): the model reads which digit it is from the given frames. Returns uint8 (n, F, H, W)."""
+    from .sample import generate
+
+    mask = frame_mask(clips.shape[1], known)
+    x0 = generate(denoiser, n=len(clips), known=clips_to_unit_range(clips), mask=mask, steps=steps,
+                  sampler=sampler, seed=seed, batch_size=batch_size)
+    return clips_from_unit_range(x0)
+
+
+def frame_by_frame(image_denoiser, labels: torch.Tensor, trajectories: torch.Tensor, size: int = SIZE,
+                   seed: int = 0, steps: int = 20, guidance: float = 2.0) -> torch.Tensor:
+    """The frame-independent baseline: an image model draws a new 28 x 28 digit of the clip's label for every frame,
+    pasted at the corners of `trajectories` (n, F, 2) (real paths, so it moves exactly as Moving MNIST does).
+    Returns uint8 (n, F, size, size)."""
+    from .sample import generate
+
+    n, frames = trajectories.shape[:2]
+    images = generate(image_denoiser, labels.repeat_interleave(frames), steps=steps, guidance=guidance, seed=seed)
+    digits = from_unit_range(images)[:, 0].reshape(n, frames, IMAGE_SIZE, IMAGE_SIZE)
+    clips = torch.zeros(n, frames, size, size, dtype=torch.uint8)
+    for (i, f), (r, c) in zip(torch.cartesian_prod(torch.arange(n), torch.arange(frames)).tolist(),
+                              pixel_positions(trajectories).flatten(0, 1).tolist()):
+        clips[i, f, r:r + IMAGE_SIZE, c:c + IMAGE_SIZE] = digits[i, f]
+    return clips
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation: which digit each frame shows, whether it stays the same digit, whether it moves like a ball
+# ----------------------------------------------------------------------------------------------------------
+
+def centroid_tracks(clips: torch.Tensor) -> torch.Tensor:
+    """Paths for clips without one (generated): the 28 x 28 window centred on each frame's ink, kept inside the
+    canvas; (n, 1, F, 2) top-left corners for `track_crops`. MNIST centres each digit's mass in its window."""
+    room = clips.shape[-1] - IMAGE_SIZE
+    centre = centroid_path(clips).nan_to_num(clips.shape[-1] / 2)  # a blank frame: the middle
+    return (centre - IMAGE_SIZE / 2).clamp(0, room)[:, None]
+
+
+def frame_classes(clips: torch.Tensor, trajectories: torch.Tensor | None = None, classifier=None) -> torch.Tensor:
+    """The repository classifier's digit for each frame of one-digit clips: int64 (n, F). The frame is cropped at
+    the digit's path (slot 0 of `trajectories` (n, D, F, 2)), or, without one, by `centroid_tracks`."""
+    from . import metrics
+
+    paths = centroid_tracks(clips) if trajectories is None else trajectories[:, :1]
+    crops = track_crops(clips, paths)[:, 0]  # (n, F, 28, 28)
+    return metrics.predict(crops.flatten(0, 1), classifier).reshape(crops.shape[:2])
+
+
+def bounce_residual(path: torch.Tensor, room: float = SIZE - IMAGE_SIZE, speeds=torch.linspace(-2, 2, 81),
+                    starts=None) -> torch.Tensor:
+    """How far a path (n, F, 2) is from motion at constant velocity with bounces: per clip, the RMS distance in
+    pixels (over frames and both axes) to the best fit c + fold(p + v t), fold bouncing between 0 and `room`.
+    Grid search over start p and velocity v per axis; the offset c (where in its window the ink's centre sits) is
+    solved exactly (the mean). Real Moving MNIST scores a little above 0: positions are rounded to whole pixels."""
+    starts = torch.linspace(0, room, 41) if starts is None else starts
+    t = torch.arange(path.shape[1], dtype=torch.float32)
+    straight = starts[:, None, None] + speeds[None, :, None] * t  # (P, V, F)
+    period = 2 * room
+    folded = room - (torch.remainder(straight, period) - room).abs()  # triangle wave between 0 and room
+    candidates = folded.flatten(0, 1)  # (P*V, F)
+    x = path.transpose(1, 2).nan_to_num(0)  # (n, 2, F)
+    r = x[:, :, None, :] - candidates  # (n, 2, P*V, F)
+    sse = (r - r.mean(-1, keepdim=True)).square().sum(-1)  # (n, 2, P*V): c solved as the mean
+    return (sse.amin(-1).sum(-1) / (2 * path.shape[1])).sqrt()  # (n,)
+
+
+def evaluate_clips(clips: torch.Tensor, labels: torch.Tensor, trajectories: torch.Tensor | None = None,
+                   classifier=None) -> dict:
+    """The chapter's three scores for one-digit clips uint8 (n, F, H, W) meant to show `labels` (n,):
+    accuracy:    share of frames classified as the label;
+    consistency: share of frames classified as the clip's own majority class (right or wrong, the same digit);
+    smoothness:  `bounce_residual` of the ink's centre, pixels, averaged over clips (lower is smoother);
+    speed:       how far the ink's centre moves per frame, pixels (a clip that stands still is perfectly "smooth").
+    Also the accuracy of each frame position, averaged over clips."""
+    pred = frame_classes(clips, trajectories, classifier)  # (n, F)
+    majority = pred.mode(dim=1).values
+    path = centroid_path(clips)
+    residual = bounce_residual(path, clips.shape[-1] - IMAGE_SIZE)
+    return {"accuracy": (pred == labels[:, None]).float().mean().item(),
+            "consistency": (pred == majority[:, None]).float().mean().item(),
+            "smoothness_px": residual.nanmean().item(),
+            "speed_px": (path[:, 1:] - path[:, :-1]).norm(dim=-1).nanmean().item(),
+            "frame_accuracy": (pred == labels[:, None]).float().mean(0).tolist()}
+
+
+def horizon_errors(generated: torch.Tensor, truth: torch.Tensor, frames) -> dict:
+    """Per generated frame: mean squared pixel error (intensities in [0, 1]) and the distance in pixels between the
+    ink's centre in the generated and the true frame; `frames` are the indices scored."""
+    frames = list(frames)
+    g, x = generated[:, frames].float() / 255, truth[:, frames].float() / 255
+    dist = (centroid_path(generated[:, frames]) - centroid_path(truth[:, frames])).norm(dim=-1)  # (n, k)
+    return {"mse": (g - x).square().mean(dim=(0, 2, 3)).tolist(), "centre_px": dist.nanmean(0).tolist()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Cost: what a clip costs as the canvas and the frame count grow
+# ----------------------------------------------------------------------------------------------------------
+
+def clip_flops(net, frames: int, size: int) -> int:
+    """Floating-point operations (2 per multiply-add) of one evaluation of a UNet like `net` on one clip of
+    `frames` frames of size x size, counted by torch's FlopCounterMode on the meta device (no arithmetic is done)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .unet import UNet
+
+    with torch.device("meta"):
+        twin = UNet(**net.config)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            twin(torch.zeros(1, net.in_channels, frames, size, size), torch.zeros(1))
+    return counter.get_total_flops()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line: python -m diffusion_lab.sample --checkpoint moving-mnist ... (sample.run dispatches here)
+# ----------------------------------------------------------------------------------------------------------
+
+TEST_CLIPS = 10_000  # the held-out clips: moving_mnist(TEST_CLIPS, digits=1, train=False, seed=0), MNIST test digits
+
+
+def is_clip_model(denoiser) -> bool:
+    return len(denoiser.shape) == 4
+
+
+def test_clips(n: int, seed: int = 0, frames: int = FRAMES, size: int = SIZE) -> tuple[MovingDigits, torch.Tensor]:
+    """n held-out one-digit clips drawn without repeats (then cycling) in a seeded order: (the clips, their indices
+    into moving_mnist(TEST_CLIPS, digits=1, train=False, seed=0))."""
+    order = torch.randperm(TEST_CLIPS, generator=torch.Generator().manual_seed(seed))
+    index = order[torch.arange(n) % TEST_CLIPS]
+    s = moving_mnist(TEST_CLIPS, frames=frames, size=size, digits=1, train=False, seed=0)
+    picked = MovingDigits(s.clips[index], s.counts[index], s.labels[index], s.sources[index], s.trajectories[index],
+                          s.velocities[index], train=False, seed=0)
+    return picked, index
+
+
+def gif_bytes(clip: torch.Tensor, scale: int = 4, ms_per_frame: int = 150) -> bytes:
+    """One uint8 clip (F, H, W) as a looping grey-scale GIF, each pixel drawn as scale x scale."""
+    import io
+
+    from PIL import Image
+
+    frames = [Image.fromarray(f.numpy()).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST)
+              for f in clip]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
+    return buffer.getvalue()
+
+
+def sample_command(denoiser, args, checkpoint_file, sha256: str | None) -> dict:
+    """`python -m diffusion_lab.sample` for a clip model: write `clips` uint8 (N, F, H, W) and `labels` (N,); with
+    --context-from test the first --context-frames frames are held-out clips' own (prediction) and the file also
+    holds `context_index` into the test clips (see `test_clips`) and `context_frames`. --gif writes one GIF per clip."""
+    import io
+    import json
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from .sample import generate, parse_labels
+    from .utils import atomic_write_bytes
+
+    if not is_clip_model(denoiser):
+        raise ValueError(f"--context-from, --context-frames and --gif need a clip model (samples of shape (C, F, H, W)); "
+                         f"{args.checkpoint} makes {tuple(denoiser.shape)}")
+    unused = [flag for flag, value in (("--grid", args.grid), ("--slant", args.slant), ("--thickness", args.thickness),
+                                       ("--evaluate", args.evaluate or None), ("--lora", args.lora),
+                                       ("--watermark", args.watermark), ("--soprano-from", args.soprano_from),
+                                       ("--midi", args.midi), ("--wav", args.wav), ("--candidates", args.candidates),
+                                       ("--prompt", args.prompt),
+                                       ("--prompts", args.prompts), ("--negative-prompt", args.negative_prompt))
+              if value is not None]
+    if unused:
+        raise ValueError(f"{', '.join(unused)}: not for clip models; {args.checkpoint} is one")
+    if args.steps > denoiser.schedule.T:
+        raise ValueError(f"--steps {args.steps} is more than the model's T={denoiser.schedule.T} diffusion steps")
+    frames = denoiser.shape[1]
+    k = args.context_frames
+    if args.context_from is None and k is not None:
+        raise ValueError("--context-frames needs --context-from test (the frames it continues)")
+    if args.context_from is not None:
+        k = 4 if k is None else k
+        if not 1 <= k < frames:
+            raise ValueError(f"--context-frames must be between 1 and {frames - 1} (the model's clips have "
+                             f"{frames} frames), got {k}")
+        if args.labels.strip().lower() != "cycle":
+            raise ValueError("--labels: with --context-from the digit is the held-out clip's own, so leave --labels out")
+    if args.gif is not None and (not str(args.gif).strip() or Path(args.gif).expanduser().is_file()):
+        raise ValueError(f"--gif must name a folder, got {args.gif!r}")
+    start = time.perf_counter()
+    index = None
+    if args.context_from == "test":
+        held_out, index = test_clips(args.n, args.seed, frames, denoiser.shape[-1])
+        labels = held_out.labels[:, 0]
+        clips = complete(denoiser, held_out.clips, range(k), seed=args.seed, steps=args.steps, sampler=args.sampler,
+                         batch_size=args.batch_size)
+    else:
+        labels = parse_labels(args.labels, args.n, args.seed)
+        clips = clips_from_unit_range(generate(denoiser, labels, n=args.n, sampler=args.sampler, steps=args.steps,
+                                               guidance=args.guidance, seed=args.seed, batch_size=args.batch_size))
+    seconds = time.perf_counter() - start
+    meta = {"checkpoint": str(args.checkpoint), "file": str(checkpoint_file), "sha256": sha256,
+            "sha256_verified": sha256 is not None, "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
+            "guidance": None if index is not None else args.guidance, "n": args.n, "labels": args.labels,
+            "context_from": args.context_from, "context_frames": k if index is not None else 0,
+            "seconds": round(seconds, 3)}
+    arrays = {"clips": clips.numpy(), "labels": labels.numpy().astype(np.int64), "meta": np.array(json.dumps(meta))}
+    if index is not None:
+        arrays["context_index"] = index.numpy().astype(np.int64)
+        arrays["context_frames"] = np.array(k, dtype=np.int64)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    atomic_write_bytes(args.out, buffer.getvalue())
+    summary = {"out": str(args.out), "n": args.n, "seconds": meta["seconds"]}
+    if args.gif is not None:
+        folder = Path(args.gif).expanduser()
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, clip in enumerate(clips):
+            atomic_write_bytes(folder / f"clip-{i:04d}.gif", gif_bytes(clip))
+        summary["gif"] = str(args.gif)
+    return summary

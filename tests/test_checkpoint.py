@@ -49,7 +49,8 @@ def test_shipped_name_is_verified(tmp_path, monkeypatch):
 def test_every_shipped_checkpoint_matches_its_pin():
     for name, (sha, kind) in checkpoint.SHIPPED.items():
         path = checkpoint.checkpoint_dir() / f"{name}.safetensors"
-        assert kind in ("diffusion", "classifier", "denoisers", "lora", "chorales", "autoencoder", "text-to-image"), \
+        assert kind in ("diffusion", "classifier", "denoisers", "lora", "chorales", "autoencoder", "text-to-image",
+                        "video"), \
             f"{name}: unknown kind {kind!r}"
         assert path.stat().st_size <= 8_000_000, f"{path} is over the 8 MB a shipped file may take"
         assert file_sha256(path) == sha, f"{path} does not match SHIPPED[{name!r}]"

@@ -33,7 +33,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import diffusion_lab
-from diffusion_lab import autoencoder, edit, lora, metrics, music, sample, tiny_sd, training, watermark
+from diffusion_lab import autoencoder, edit, lora, metrics, music, sample, tiny_sd, training, video, watermark
 from diffusion_lab.denoiser import save_denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -103,6 +103,9 @@ def inputs(tmp_path_factory) -> Path:
     (folder / "blank.txt").write_text("\n \n")
     (folder / "binary.txt").write_bytes(b"\xff\xfe\x00seven")
     (folder / "oov.txt").write_text("a seven\na sevn\n")
+    # chapter 12: an untrained clip model (2 frames); the same CLI writes `clips` for it
+    torch.manual_seed(0)
+    save_denoiser(folder / "clips.safetensors", video.video_denoiser(None, channels=(8, 8), frames=2))
     return folder
 
 
@@ -173,11 +176,21 @@ def _complete(path: Path, kind: str) -> None:
             arrays = {k: f[k] for k in f.files}  # reads every member: a cut-off zip fails here
         if "rolls" in arrays:  # a chorale model's (N, 4, steps) MIDI pitches
             assert arrays["rolls"].dtype == np.int16 and arrays["rolls"].shape[1] == 4
+        elif "clips" in arrays:  # a clip model's (N, F, H, W) frames
+            assert arrays["clips"].dtype == np.uint8 and arrays["clips"].ndim == 4
+            assert len(arrays["labels"]) == len(arrays["clips"])
+            if "context_index" in arrays:
+                assert len(arrays["context_index"]) == len(arrays["clips"])
         else:
             assert arrays["images"].dtype == np.uint8 and arrays["images"].ndim == 3
             assert len(arrays["labels"]) == len(arrays["images"])
     elif kind == "folder":  # one file per sample: MIDI or WAV, each whole
-        if path.suffix == ".mid":
+        if path.suffix == ".gif":
+            from PIL import Image
+
+            with Image.open(path) as img:
+                img.seek(img.n_frames - 1)  # every frame is there
+        elif path.suffix == ".mid":
             blob = path.read_bytes()
             assert blob.startswith(b"MThd") and blob.endswith(b"\x00\xff\x2f\x00")
         else:
@@ -250,7 +263,7 @@ def run_cli(module: str, argv: list[str], inputs: Path, outputs: dict[str, str],
         after = _snapshot(work)
         for path, blob in after.items():
             assert not path.name.endswith((".tmp", ".lock")), f"left behind: {path.name}\n{shown}"
-            in_folder = any(f in path.resolve().parents for f in folders) and path.suffix in (".mid", ".wav")
+            in_folder = any(f in path.resolve().parents for f in folders) and path.suffix in (".mid", ".wav", ".gif")
             if (path.resolve() in targets or in_folder) and before.get(path) != blob:
                 _complete(path, "folder" if in_folder else targets[path.resolve()])  # whole, never half
             else:
@@ -286,12 +299,13 @@ def test_every_cli_is_fuzzed():
 
 
 TINY = _inputs_path("tiny.safetensors")
+CLIPS = _inputs_path("clips.safetensors")
 BAD_CHECKPOINTS = ["no-such-model", CLASSIFIER_FILE, *map(_inputs_path, MALFORMED)]
 
 # (typical, edge) values of the flags whose generic values would not do: files, and amounts of work kept tiny
 SAMPLE = {
-    "--checkpoint": ([TINY, "mnist-cond", _inputs_path("chorales.safetensors"), _inputs_path("tiny-sd.safetensors")],
-                     BAD_CHECKPOINTS),
+    "--checkpoint": ([TINY, "mnist-cond", _inputs_path("chorales.safetensors"), _inputs_path("tiny-sd.safetensors"),
+                      CLIPS], BAD_CHECKPOINTS),
     "--prompt": (["a seven", "a thick slanted seven", "thin upright 2"], ["a sevn", "", "seven " * 9, "\u00e9t\u00e9 7"]),
     "--prompts": ([_inputs_path("prompts.txt")], [_inputs_path(n) for n in ("blank.txt", "binary.txt", "oov.txt",
                                                                            "missing.txt", "folder.safetensors")]),
@@ -309,8 +323,11 @@ SAMPLE = {
     "--wav": (["wav", "sub/wav"], ["existing.npz", ""]),
     "--candidates": (["1", "2"], ["0", "-3", "x"]),
     "--watermark": (["3f9a1c2e"], ["xyz", "", "3f9a", "g" * 8, "0" * 65]),
+    "--context-from": (["test"], ["train", ""]),
+    "--context-frames": (["1"], ["0", "2", "-1", "x"]),
+    "--gif": (["gif", "sub/gif"], ["existing.npz", ""]),
 }
-SAMPLE_OUTPUTS = {"--out": "npz", "--grid": "png", "--midi": "folder", "--wav": "folder"}
+SAMPLE_OUTPUTS = {"--out": "npz", "--grid": "png", "--midi": "folder", "--wav": "folder", "--gif": "folder"}
 
 
 @fuzz_settings(300)
@@ -333,6 +350,11 @@ SAMPLE_OUTPUTS = {"--out": "npz", "--grid": "png", "--midi": "folder", "--wav": 
                "--prompt", "a thick seven", "--negative-prompt", "thin", "--grid", "g.png", "--quiet"])
 @example(argv=["--checkpoint", _inputs_path("tiny-sd.safetensors"), "--n", "3", "--steps", "1", "--out",
                "existing.npz", "--prompts", _inputs_path("oov.txt")])
+@example(argv=["--checkpoint", CLIPS, "--n", "2", "--steps", "2", "--out", "v.npz", "--gif", "gif", "--quiet"])
+@example(argv=["--checkpoint", CLIPS, "--n", "2", "--steps", "1", "--out", "v.npz", "--context-from", "test",
+               "--context-frames", "1", "--quiet"])
+@example(argv=["--checkpoint", CLIPS, "--n", "2", "--steps", "1", "--out", "existing.npz", "--context-frames", "2"])
+@example(argv=["--checkpoint", TINY, "--n", "2", "--steps", "1", "--out", "existing.npz", "--gif", "gif"])
 def test_sample_cli(inputs, argv):
     status, _ = run_cli("diffusion_lab.sample", argv, inputs, SAMPLE_OUTPUTS, seed_files=["existing.npz"])
     if argv in (["--checkpoint", _inputs_path("tiny.safetensors"), "--n", "2", "--steps", "2", "--out", "s.npz",
@@ -342,6 +364,8 @@ def test_sample_cli(inputs, argv):
         assert status == 0  # the space holds successful runs too, so "always an error" would not pass
     if "--prompt" in argv and "a thick seven" in argv:
         assert status == 0  # a text-to-image run succeeds too
+    if argv[:2] == ["--checkpoint", CLIPS] and "v.npz" in argv:
+        assert status == 0  # a clip model's generation and prediction succeed too
 
 
 @pytest.mark.parametrize("out", ["", "."])

@@ -57,7 +57,7 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "training": {"utils", "schedules", "losses", "checkpoint", "data", "unet", "conditioning", "denoiser"},
     # entry points and the package root sit on top
     "sample": {"utils", "checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "samplers", "music",
-               "tiny_sd", "watermark"},
+               "tiny_sd", "video", "watermark"},
     "train": {"training"},
     # Part III/IV: one module per idea, above the core
     # chapter 11: Bach chorales (data.default_root, utils' verified cache); its model is fit's UNet, sampled by
@@ -66,7 +66,9 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "music": {"data", "utils", "denoiser", "schedules", "unet", "training", "sample", "samplers"},
     "__init__": {"utils"},
     # Parts III and IV: one module per idea, above the core
-    "video": {"data", "utils"},  # chapter 12's Moving MNIST, made from data.mnist
+    # chapter 12: Moving MNIST (from data.mnist); its clip model is fit's UNet started from a shipped image model,
+    # sampled by sample.generate, scored by metrics' classifier; sample's CLI hands clip checkpoints to video
+    "video": {"data", "utils", "denoiser", "schedules", "unet", "training", "sample", "metrics"},
     # chapter 09: LoRA adapters (files carry the base's SHA-256); editing real digits (SDEdit, inpainting, inversion)
     "lora": {"checkpoint"},
     "edit": {"checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "sample", "samplers", "schedules",

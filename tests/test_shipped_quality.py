@@ -93,3 +93,21 @@ def test_tiny_sd_draws_the_digit_each_prompt_names_and_obeys_an_attribute_word()
     assert accuracy >= 0.95, f"tiny-sd: the classifier reads the named digit in only {accuracy:.1%} of 200 samples"
     effect = tiny_sd.attribute_effect(pipe, 1, "thickness", n=50, seed=12345, **settings)
     assert effect["effect"] > 0.5 and effect["r"] > 0.3, effect
+
+
+VIDEO_MODELS = sorted(name for name, entry in SHIPPED.items() if entry.kind == "video")
+
+
+@pytest.mark.parametrize("name", VIDEO_MODELS)
+def test_shipped_clip_model_draws_the_digit_and_keeps_it(name):
+    """Chapter 12: 10 clips, one per digit, at 10 sampler steps: the asked digit in most frames, and the same one."""
+    from diffusion_lab import video
+
+    torch.set_num_threads(2)
+    denoiser = load_denoiser(name, device="cpu")
+    labels = torch.arange(10)
+    clips = video.clips_from_unit_range(sample.generate(denoiser, labels, steps=10, guidance=2.0, seed=12345))
+    scores = video.evaluate_clips(clips, labels)
+    assert scores["accuracy"] >= 0.8, f"{name}: the asked digit in only {scores['accuracy']:.1%} of frames"
+    assert scores["consistency"] >= 0.9, f"{name}: clips keep their digit in only {scores['consistency']:.1%} of frames"
+    assert scores["speed_px"] > 0.2, f"{name}: the digits stand still ({scores['speed_px']:.2f} px per frame)"

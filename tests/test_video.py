@@ -239,3 +239,152 @@ def test_crop_and_layout_helpers_refuse_wrong_input(small):
         video.clips_from_unit_range(torch.zeros(2, FRAMES, 32, 32))
     with pytest.raises(ValueError, match="uint8 frames"):
         video.centroid_path(small.clips.float())
+
+
+# ------------------------------------------------------------------------- the clip model and its tasks
+@pytest.fixture(scope="module")
+def warm():
+    """The clip model before training: mnist-cond's spatial layers, temporal convs at zero."""
+    return video.video_denoiser()
+
+
+def test_fresh_clip_model_is_the_image_model_on_each_frame(warm):
+    """With the temporal convs at zero and the null style folded into a bias, every frame of a clip gets exactly
+    what mnist-cond gives that frame alone (same t, same label): the clip model starts frame by frame."""
+    from diffusion_lab.denoiser import load_denoiser
+
+    image = load_denoiser("mnist-cond", device="cpu")
+    x_t = torch.randn(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor([10, 700]), torch.tensor([3, 10])  # 10: the null label
+    with torch.no_grad():
+        clip_out = warm(x_t, t, labels=labels)
+        frame_out = image(x_t.transpose(1, 2).flatten(0, 1), t.repeat_interleave(3), labels=labels.repeat_interleave(3))
+    assert torch.allclose(clip_out.transpose(1, 2).flatten(0, 1), frame_out, atol=1e-5)
+    assert warm.shape == (1, FRAMES, 32, 32) and warm.prediction == image.prediction
+    temporal = [p for name, p in warm.net.named_parameters() if ".temporal." in name]
+    assert temporal and all((p == 0).all() for p in temporal)
+    assert video.video_denoiser(None, channels=(8, 16)).net.time_embed[3].bias.abs().sum() > 0  # from scratch too
+
+
+def test_clip_batches_draw_fresh_one_digit_clips():
+    draw = video.clip_batches()
+    g = torch.Generator().manual_seed(0)
+    a, b = draw(g, 4), draw(g, 4)
+    assert a["x0"].shape == (4, 1, FRAMES, 32, 32) and a["labels"].shape == (4,)
+    assert a["x0"].min() == -1 and a["x0"].max() == 1 and not torch.equal(a["x0"], b["x0"])
+
+
+def test_train_video_runs_and_resumes(tmp_path):
+    run = tmp_path / "run.safetensors"
+    first = video.train_video(run, steps=1, batch_size=2, image_model=None, channels=(8, 16), progress=False)
+    again = video.train_video(run, steps=2, batch_size=2, image_model=None, channels=(8, 16), progress=False)
+    assert first.step == 1 and again.resumed_from == 1 and again.step == 2
+
+
+def test_complete_keeps_the_given_frames_and_fills_the_rest(warm, small):
+    clips = small.clips[small.counts == 1][:2]
+    out = video.complete(warm, clips, range(3), steps=2)
+    assert out.dtype == torch.uint8 and out.shape == clips.shape
+    assert torch.equal(out[:, :3], clips[:, :3]) and not torch.equal(out[:, 3:], clips[:, 3:])
+    ends = video.complete(warm, clips, (0, FRAMES - 1), steps=2)
+    assert torch.equal(ends[:, [0, -1]], clips[:, [0, -1]])
+    assert video.frame_mask(4, (0, 3)).flatten().tolist() == [1, 0, 0, 1]
+
+
+def test_frame_by_frame_pastes_a_new_digit_along_the_path(small):
+    from diffusion_lab.denoiser import load_denoiser
+
+    one = small.counts == 1
+    paths, labels = small.trajectories[one][:2, 0], small.labels[one][:2, 0]
+    clips = video.frame_by_frame(load_denoiser("mnist-cond", device="cpu"), labels, paths, steps=3)
+    assert clips.shape == (2, FRAMES, 32, 32) and clips.dtype == torch.uint8
+    crops = video.track_crops(clips, paths[:, None])[:, 0]  # the pasted window is the whole ink
+    assert torch.equal(crops.flatten(2).sum(-1).long(), clips.flatten(2).sum(-1).long())
+    assert not torch.equal(crops[:, 0], crops[:, 1])  # each frame draws its own digit
+
+
+# ------------------------------------------------------------------------------------------ evaluation
+def test_bounce_residual_is_small_for_real_motion_and_large_for_jumps(small):
+    s = video.moving_mnist(32, digits=1, seed=4)
+    path = video.centroid_path(s.clips)
+    real = video.bounce_residual(path)
+    assert (real < 0.5).all()  # whole-pixel rounding only
+    exact = video.bounce_residual(s.trajectories[:, 0])  # the unrounded corners: on the fit's grid up to ~0.05 px
+    assert (exact < 0.15).all()
+    jumpy = path + torch.randn(path.shape, generator=torch.Generator().manual_seed(0)) * 2
+    assert video.bounce_residual(jumpy).mean() > 3 * real.mean()
+    still = path[:, :1].expand_as(path)
+    assert torch.allclose(video.bounce_residual(still), torch.zeros(32), atol=1e-5)  # standing still fits (v = 0)
+
+
+def test_evaluate_clips_scores_real_clips_and_notices_a_swapped_digit(train_digits):
+    s = video.moving_mnist(40, digits=1, seed=2, train=False)
+    labels = s.labels[:, 0]
+    real = video.evaluate_clips(s.clips, labels, s.trajectories)
+    assert real["accuracy"] > 0.95 and real["consistency"] > 0.95 and real["smoothness_px"] < 0.5
+    assert 0.5 < real["speed_px"] < 1.6 and len(real["frame_accuracy"]) == FRAMES
+    tracked = video.evaluate_clips(s.clips, labels)  # by centroid, as for generated clips
+    assert tracked["accuracy"] > 0.9
+    # replace the second half of each clip by another clip's frames: a different digit half the time
+    swapped = torch.cat([s.clips[:, :4], s.clips.roll(1, 0)[:, 4:]], dim=1)
+    worse = video.evaluate_clips(swapped, labels)
+    assert worse["consistency"] < real["consistency"] - 0.1 and worse["smoothness_px"] > real["smoothness_px"]
+
+
+def test_horizon_errors_are_zero_for_the_truth_and_grow_when_copying(small):
+    s = video.moving_mnist(16, digits=1, seed=5)
+    truth = s.clips
+    same = video.horizon_errors(truth, truth, range(4, FRAMES))
+    assert same["mse"] == [0.0] * 4 and same["centre_px"] == [0.0] * 4
+    copy = video.horizon_errors(truth[:, 3:4].expand(-1, FRAMES, -1, -1), truth, range(4, FRAMES))
+    assert copy["centre_px"][0] > 0.3 and copy["centre_px"][-1] > copy["centre_px"][0]
+
+
+def test_clip_flops_grow_with_frames_and_pixels(warm):
+    f8, f16, f32 = (video.clip_flops(warm.net, f, 32) for f in (8, 16, 32))
+    assert f32 - f16 == 2 * (f16 - f8)  # linear in frames: every layer works per frame or per pixel across 3 frames,
+    assert abs(f16 - 2 * f8) < 1e-3 * f8  # but for the time and label embedding, once per clip
+    assert video.clip_flops(warm.net, 8, 64) > 4 * f8 * 0.99  # 4x the pixels, a little more for attention
+
+
+def test_test_clips_are_seeded_held_out_and_indexed():
+    clips, index = video.test_clips(5, seed=1)
+    again, index_again = video.test_clips(5, seed=1)
+    assert torch.equal(clips.clips, again.clips) and torch.equal(index, index_again)
+    assert not clips.train and (clips.counts == 1).all() and len(set(index.tolist())) == 5
+    full = video.moving_mnist(int(index.max()) + 1, digits=1, train=False, seed=0)
+    assert torch.equal(full.clips[index], clips.clips)
+
+
+def test_gif_bytes_hold_every_frame(small):
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(video.gif_bytes(small.clips[0], scale=2))) as gif:
+        assert gif.n_frames == FRAMES and gif.size == (64, 64)
+
+
+def test_sample_cli_writes_clips_and_context(tmp_path, monkeypatch, capsys):
+    from diffusion_lab import sample
+    from diffusion_lab.denoiser import save_denoiser
+
+    torch.manual_seed(0)
+    model = tmp_path / "clips.safetensors"
+    save_denoiser(model, video.video_denoiser(None, channels=(8, 8)))
+    out = tmp_path / "v.npz"
+    assert sample.main(["--checkpoint", str(model), "--n", "3", "--steps", "1", "--out", str(out), "--quiet",
+                        "--context-from", "test", "--context-frames", "4", "--gif", str(tmp_path / "gif")]) == 0
+    import numpy as np
+
+    with np.load(out) as f:
+        assert f["clips"].shape == (3, FRAMES, 32, 32) and f["clips"].dtype == np.uint8
+        held_out, index = video.test_clips(3, seed=0)
+        assert f["context_index"].tolist() == index.tolist() and f["labels"].tolist() == held_out.labels[:, 0].tolist()
+        assert (f["clips"][:, :4] == held_out.clips[:, :4].numpy()).all()
+    assert len(list((tmp_path / "gif").glob("*.gif"))) == 3
+    with pytest.raises(SystemExit, match="--context-frames must be between 1 and 7"):
+        sample.main(["--checkpoint", str(model), "--n", "1", "--out", str(out), "--context-from", "test",
+                     "--context-frames", "8"])
+    with pytest.raises(SystemExit, match="need a clip model"):
+        sample.main(["--checkpoint", "mnist-cond", "--n", "1", "--out", str(out), "--gif", str(tmp_path / "g")])

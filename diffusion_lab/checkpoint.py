@@ -37,7 +37,7 @@ SHIPPED: dict[str, Shipped] = {
     "ch05-denoisers": Shipped("06ec96a2ba99cb2efe0c6a58ed99e3a01fe4ef0757ec9a35ca26e310b9978e73", "denoisers"),
     # chapter 09: a LoRA adapter for mnist-cond (diffusion_lab.lora; loaded with --lora, never on its own)
     "typeset-lora": Shipped("a3f2571bd517549f0de24e405833f0d8b9bc4feb3d8f6d54ad7a7ae8396e0179", "lora"),
-    "bach-chorales": Shipped("073a59d0d2d71e3ba2fb8deea02ca4a1000dc3d0067e19716fc00b5b67f8d659", "chorales"),  # chapter 11
+    "bach-chorales": Shipped("761d222ea8f88b8ba0a2a9b20965bee7ef662092ef34fe99c93e3a1ae3bcf44f", "chorales"),  # chapter 11
     "tiny-sd": Shipped("4ad52447b589f78cb5224dd52b4a66d2d3dc09486a4583270059b48d69b179d0", "text-to-image"),
     "mnist-vae": Shipped("0ffdc2e76fac113702cf677bb0d658b894beeb959e5495c23eaff6dcae780839", "autoencoder"),
     "moving-mnist": Shipped("7ab379f571e00958d2a74098dd84d2743397fce9f55253775db7ebf43743006c", "video"),  # chapter 12

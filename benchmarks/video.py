@@ -120,7 +120,8 @@ def card(result: dict, sha256: str, size: int) -> str:
     for kind in ("real", "generated", "baseline"):
         rows.append(f"| {kind} | " + " | ".join(
             f"{mean(lambda r: r[kind][s]) * k:.{d}f} ± {sd(lambda r: r[kind][s]) * k:.{d}f}"
-            for s, k, d in (("accuracy", 100, 1), ("consistency", 100, 1), ("smoothness_px", 1, 3), ("speed_px", 1, 3)))
+            for s, k, d in (("accuracy", 100, 1), ("consistency", 100, 1), ("stroke_change", 1, 4),
+                            ("smoothness_px", 1, 3), ("speed_px", 1, 3)))
             + " |")
     horizon = lambda task, m, key: [float(x) for x in np.mean([r[task][m][key] for r in runs], axis=0)]  # noqa: E731
     fmt = lambda xs: ", ".join(f"{x:.3f}" for x in xs)  # noqa: E731
@@ -166,11 +167,13 @@ cosine schedule, T = 1000, all inherited from `mnist-cond`, whose spatial weight
 {result["n"]} held-out clips per seed (`video.test_clips`, MNIST test digits only), seeds {result["seeds"]},
 DPM-Solver++(2M) with {result["steps"]} steps, guidance {result["guidance"]} for generation. Mean ± std over seeds.
 Frames are classified by `mnist-classifier` on each digit's 28 x 28 crop (real clips: along their true path;
-generated and baseline: around the ink's centre). Baseline: `mnist-cond` drawing a new digit of the label for every
-frame, pasted along the real clip's path.
+generated and baseline: around the ink's centre). Stroke change (`video.stroke_change`): the mean absolute change
+of intensity, in [0, 1], between consecutive crops after the best alignment of up to one pixel (0 for a digit that
+keeps its exact strokes). Baseline: `mnist-cond` drawing a new digit of the label for every frame, pasted along the
+real clip's path.
 
-| clips | per-frame accuracy % | identity consistency % | bounce-fit residual px | speed px/frame |
-|---|---|---|---|---|
+| clips | per-frame accuracy % | identity consistency % | stroke change | bounce-fit residual px | speed px/frame |
+|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 Prediction from the first {result["context_frames"]} frames (no label), per frame ahead:

@@ -359,13 +359,29 @@ def bounce_residual(path: torch.Tensor, room: float = SIZE - IMAGE_SIZE, speeds=
     return (sse.amin(-1).sum(-1) / (2 * path.shape[1])).sqrt()  # (n,)
 
 
+def stroke_change(clips: torch.Tensor, trajectories: torch.Tensor | None = None, shift: int = 1) -> torch.Tensor:
+    """How much the digit of one-digit clips uint8 (n, F, H, W) changes shape from frame to frame: per clip, the mean
+    absolute difference (intensities in [0, 1]) between consecutive 28 x 28 crops, each pair aligned by its best
+    shift of up to `shift` pixels each way (which absorbs the rounding of positions). A digit moved rigidly scores 0;
+    a new handwriting in every frame scores high, even when every frame shows the same class. Crops as in
+    `frame_classes`."""
+    paths = centroid_tracks(clips) if trajectories is None else trajectories[:, :1]
+    crops = track_crops(clips, paths)[:, 0].float() / 255  # (n, F, 28, 28)
+    before = torch.nn.functional.pad(crops[:, :-1], (shift,) * 4)
+    after, k = crops[:, 1:], 2 * shift + 1
+    diffs = torch.stack([(before[..., r:r + IMAGE_SIZE, c:c + IMAGE_SIZE] - after).abs().mean(dim=(-2, -1))
+                         for r in range(k) for c in range(k)])  # (k*k, n, F-1)
+    return diffs.amin(0).mean(-1)
+
+
 def evaluate_clips(clips: torch.Tensor, labels: torch.Tensor, trajectories: torch.Tensor | None = None,
                    classifier=None) -> dict:
-    """The chapter's three scores for one-digit clips uint8 (n, F, H, W) meant to show `labels` (n,):
-    accuracy:    share of frames classified as the label;
-    consistency: share of frames classified as the clip's own majority class (right or wrong, the same digit);
-    smoothness:  `bounce_residual` of the ink's centre, pixels, averaged over clips (lower is smoother);
-    speed:       how far the ink's centre moves per frame, pixels (a clip that stands still is perfectly "smooth").
+    """The chapter's scores for one-digit clips uint8 (n, F, H, W) meant to show `labels` (n,):
+    accuracy:      share of frames classified as the label;
+    consistency:   share of frames classified as the clip's own majority class (right or wrong, the same digit);
+    stroke_change: `stroke_change`, averaged over clips (0: the same strokes in every frame);
+    smoothness:    `bounce_residual` of the ink's centre, pixels, averaged over clips (lower is smoother);
+    speed:         how far the ink's centre moves per frame, pixels (a clip that stands still is perfectly "smooth").
     Also the accuracy of each frame position, averaged over clips."""
     pred = frame_classes(clips, trajectories, classifier)  # (n, F)
     majority = pred.mode(dim=1).values
@@ -373,6 +389,7 @@ def evaluate_clips(clips: torch.Tensor, labels: torch.Tensor, trajectories: torc
     residual = bounce_residual(path, clips.shape[-1] - IMAGE_SIZE)
     return {"accuracy": (pred == labels[:, None]).float().mean().item(),
             "consistency": (pred == majority[:, None]).float().mean().item(),
+            "stroke_change": stroke_change(clips, trajectories).mean().item(),
             "smoothness_px": residual.nanmean().item(),
             "speed_px": (path[:, 1:] - path[:, :-1]).norm(dim=-1).nanmean().item(),
             "frame_accuracy": (pred == labels[:, None]).float().mean(0).tolist()}

@@ -129,6 +129,19 @@ def test_figure_pattern_catches_what_it_should():
     assert hand_typed_figures(body) == []
 
 
+GLUE_CONTENT = re.compile(r"\w+(?::[^`{}\s]*)?")
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
+def test_every_glue_role_is_well_formed(path):
+    """`{glue:text}`name:.2f`` and nothing else between the backticks: a stray brace or a missing backtick would
+    swallow the prose up to the next role and print it as a key error in the book."""
+    bad = [f"cell {cell.get('id')}: {m.group(0)[:80]!r}"
+           for cell in json.loads(path.read_text(encoding="utf-8"))["cells"] if cell["cell_type"] == "markdown"
+           for m in GLUE.finditer(source(cell)) if not GLUE_CONTENT.fullmatch(m.group(0).split("`")[1])]
+    assert not bad, f"{path.name}: malformed glue roles:\n  " + "\n  ".join(bad)
+
+
 @pytest.mark.parametrize("path", sorted((ROOT / "notebooks").glob("*.ipynb")), ids=lambda p: p.stem)
 def test_boxes_and_solutions_glue_their_figures(path):
     found = []

@@ -331,6 +331,20 @@ def test_evaluate_clips_scores_real_clips_and_notices_a_swapped_digit(train_digi
     assert worse["consistency"] < real["consistency"] - 0.1 and worse["smoothness_px"] > real["smoothness_px"]
 
 
+def test_stroke_change_is_zero_for_a_rigid_digit_and_high_for_a_new_one_each_frame(small):
+    s = video.moving_mnist(32, digits=1, seed=6, train=False)
+    assert torch.equal(video.stroke_change(s.clips, s.trajectories), torch.zeros(32))  # the true path: same crops
+    tracked = video.stroke_change(s.clips)  # cut around the ink's centre, as generated clips are
+    assert tracked.max() < 0.02, tracked.max()  # rounding and the walls only: the shift absorbs the rest
+    new_each_frame = s.clips.roll(1, 0)  # every frame from a different clip: a different digit (or handwriting)
+    mixed = torch.where((torch.arange(FRAMES) % 2 == 0)[None, :, None, None], s.clips, new_each_frame)
+    assert video.stroke_change(mixed).mean() > 10 * tracked.mean() + 0.02
+    # a rigid one-pixel step between frames is not a change of stroke, but it is without the shift
+    stepped = torch.stack([s.clips[:, 0], s.clips[:, 0].roll(1, -1)] * (FRAMES // 2), dim=1)
+    assert video.stroke_change(stepped, s.trajectories[:, :, :1].expand(-1, -1, FRAMES, -1)).max() < 1e-6
+    assert video.stroke_change(stepped, s.trajectories[:, :, :1].expand(-1, -1, FRAMES, -1), shift=0).min() > 0.01
+
+
 def test_horizon_errors_are_zero_for_the_truth_and_grow_when_copying(small):
     s = video.moving_mnist(16, digits=1, seed=5)
     truth = s.clips
@@ -388,3 +402,21 @@ def test_sample_cli_writes_clips_and_context(tmp_path, monkeypatch, capsys):
                      "--context-frames", "8"])
     with pytest.raises(SystemExit, match="need a clip model"):
         sample.main(["--checkpoint", "mnist-cond", "--n", "1", "--out", str(out), "--gif", str(tmp_path / "g")])
+
+
+def test_the_clip_model_card_is_the_benchmarks_rendering_of_its_stored_results():
+    """Every number in checkpoints/moving-mnist.md comes from benchmarks/results/video.json through the script."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    from diffusion_lab.utils import file_sha256
+
+    repo = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("video_bench", repo / "benchmarks" / "video.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    shipped = repo / "checkpoints" / "moving-mnist.safetensors"
+    result = json.loads((repo / "benchmarks" / "results" / "video.json").read_text())
+    expected = bench.card(result, file_sha256(shipped), shipped.stat().st_size)
+    assert (repo / "checkpoints" / "moving-mnist.md").read_text() == expected

@@ -45,8 +45,8 @@ from diffusion_lab.sample import generate  # noqa: E402
 from diffusion_lab.training import NonFiniteError, TrainConfig, train  # noqa: E402
 
 PRESETS = {
-    "smoke": dict(mem_sizes=[20, 60], mem_steps=3, mem_long_sizes=[20], mem_long_steps=6, n_samples=20, stab_steps=3, seeds=[0, 1], lr_factors=[0.25, 4.0],
-                  batch_size=8, channels=[8, 16, 16], gan_width=8, ddim_steps=2, n_fid=50),
+    "smoke": dict(mem_sizes=[20, 60], mem_steps=3, mem_long_sizes=[20], mem_long_steps=6, n_samples=20,
+                  stab_steps=3, seeds=[0, 1], lr_factors=[0.25, 4.0], batch_size=8, channels=[8, 16, 16], gan_width=8, ddim_steps=2, n_fid=50),
     "cpu": dict(mem_sizes=[100, 1000, 10000, 60000], mem_steps=800, mem_long_sizes=[100, 1000], mem_long_steps=6400,
                 n_samples=200, stab_steps=1000,
                 seeds=[0, 1, 2, 3, 4], lr_factors=[0.25, 0.5, 2.0, 4.0], batch_size=32, channels=[16, 32, 32],

@@ -865,8 +865,8 @@ def sample_command(denoiser, args, checkpoint_file: str, sha256: str | None) -> 
     from .utils import atomic_write_bytes
 
     if not is_chorale_model(denoiser):
-        raise ValueError(f"--soprano-from, --midi, --wav and --candidates need a chorale model (samples of shape {SHAPE}); "
-                         f"{args.checkpoint} makes {tuple(denoiser.shape)}")
+        raise ValueError(f"--soprano-from, --midi, --wav and --candidates need a chorale model (samples of shape "
+                         f"{SHAPE}); {args.checkpoint} makes {tuple(denoiser.shape)}")
     unused = [flag for flag, value in (("--grid", args.grid), ("--slant", args.slant),
                                        ("--thickness", args.thickness), ("--evaluate", args.evaluate or None),
                                        ("--clip-x0", args.clip_x0)) if value is not None]

@@ -17,6 +17,7 @@ Introduced in chapter 06 (sampling); chapter 08 writes and reads the files.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -46,6 +47,7 @@ class Denoiser:
     shape:       one sample's shape, e.g. (1, 28, 28), (4, 64, 32) or (1, 8, 32, 32)
     num_classes: class labels 0..num_classes-1 (num_classes itself is the null label), or None
     style_mean, style_std: the standardisation of a continuous style code (chapter 07), or empty
+    steps:       for a distilled student (chapter 13), the one number of DDIM steps it was trained to take
     """
 
     net: nn.Module
@@ -55,6 +57,7 @@ class Denoiser:
     num_classes: int | None = None
     style_mean: tuple = ()
     style_std: tuple = ()
+    steps: int | None = None
 
     def __post_init__(self):
         check_prediction(self.prediction)
@@ -125,16 +128,26 @@ def denoiser_from(tensors: dict, meta: dict, prefix: str, device=None) -> Denois
     return denoiser.to(get_device(None if device in (None, "auto") else device))
 
 
-def load_denoiser(name_or_path: str | os.PathLike, device=None, use_ema: bool = True) -> Denoiser:
+def load_denoiser(name_or_path: str | os.PathLike, device=None, use_ema: bool = True,
+                  steps: int | None = None) -> Denoiser:
     """Load a trained denoiser for sampling: a shipped name (SHA-256 verified, e.g. "mnist-cond") or a path to a
-    shipped file or a training run's checkpoint (its EMA weights unless use_ema=False)."""
+    shipped file or a training run's checkpoint (its EMA weights unless use_ema=False). A file of distilled
+    students (chapter 13) needs `steps`, the step count of the student to load."""
     kind = SHIPPED[str(name_or_path)].kind if str(name_or_path) in SHIPPED else None
-    if kind not in (None, "diffusion", "chorales", "text-to-image", "video"):  # chorales: 11; prompts: 10; clips: 12
+    if kind not in (None, "diffusion", "chorales", "text-to-image", "video", "distilled"):  # 10, 11, 12, 13
         raise CheckpointError(f"{name_or_path} is a shipped {kind}, not a generative model: it cannot be sampled")
     tensors, meta = load_checkpoint(name_or_path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{name_or_path} is not a {FORMAT} denoiser checkpoint (format "
                               f"{meta.get('format', 'unknown')!r}, kind {meta.get('kind', meta.get('model', 'unknown'))!r})")
+    if meta.get("kind") == "distilled":
+        have = meta.get("steps", [])
+        if steps not in have:
+            raise CheckpointError(f"{name_or_path} holds students distilled for {', '.join(map(str, have))} steps, "
+                                  f"not {steps}: ask for one of those")
+        return dataclasses.replace(denoiser_from(tensors, meta, f"students.{steps}.", device), steps=steps)
+    if steps is not None:
+        raise CheckpointError(f"{name_or_path} is not a file of distilled students: leave out steps={steps}")
     if meta.get("kind") == "diffusion":
         return denoiser_from(tensors, meta, "net.", device)
     if meta.get("kind") == "training-run":

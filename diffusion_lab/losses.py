@@ -22,12 +22,16 @@ def target(prediction: str, x0: torch.Tensor, eps: torch.Tensor, alpha_bar_t: to
         return eps
     if prediction == "x0":
         return x0
+    if prediction == "flow":
+        return eps - x0  # the straight path's velocity (chapter 13)
     return v_target(x0, eps, alpha_bar_t)
 
 
 def x0_weight(prediction: str, snr: torch.Tensor) -> torch.Tensor:
     """The implied weight on ||x0 - x0_hat||^2 of an unweighted MSE on `prediction`'s target."""
-    weights = {"eps": lambda: snr, "x0": lambda: torch.ones_like(snr), "v": lambda: snr + 1}
+    # flow: x0_hat = x_s - s u_hat with s = 1 / (1 + sqrt(snr)), so the u error is the x0 error over s
+    weights = {"eps": lambda: snr, "x0": lambda: torch.ones_like(snr), "v": lambda: snr + 1,
+               "flow": lambda: (1 + snr.sqrt()) ** 2}
     return weights[check_prediction(prediction)]()
 
 

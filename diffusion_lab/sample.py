@@ -24,7 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import data, lora, music, video
-from .checkpoint import SHIPPED, resolve_checkpoint
+from .checkpoint import SHIPPED, CheckpointError, load_checkpoint, resolve_checkpoint
 from .conditioning import guided, style_code
 from .denoiser import load_denoiser
 from .samplers import SAMPLERS, check_known_region, sample_ddim, sample_repaint, with_known_region
@@ -77,7 +77,7 @@ def style_request(denoiser, slant: float | None = None, thickness: float | None 
 
 @torch.no_grad()
 def generate(denoiser, labels: torch.Tensor | None = None, style: torch.Tensor | None = None, *, n: int | None = None,
-             context: torch.Tensor | None = None, sampler="dpm++2m", steps: int = 20, guidance: float = 1.0,
+             context: torch.Tensor | None = None, sampler=None, steps: int | None = None, guidance: float = 1.0,
              eta: float = 0.0, x_T: torch.Tensor | None = None, seed: int = 0, batch_size: int = 500,
              clip_x0: float | None = None, clamp: float | None = 1.0, known: torch.Tensor | None = None,
              mask: torch.Tensor | None = None, resample: int = 1, callback=None, bar=None) -> torch.Tensor:
@@ -87,6 +87,8 @@ def generate(denoiser, labels: torch.Tensor | None = None, style: torch.Tensor |
     Codes: `labels` (N,), `style` (N, S+1), `context` (N, L, D); with none of them pass `n`. Classifier-free
     guidance with weight `guidance` (1 = plain conditional) goes through `conditioning.guided`.
     `sampler` is a name in samplers.SAMPLERS or any function with their signature; `eta` > 0 is DDIM's noise.
+    By default, DPM-Solver++(2M) in 20 steps; a distilled student (chapter 13) takes DDIM in its own step count,
+    with its guidance built in, and refuses any other sampler, step count or guidance.
     Starting noise: `x_T` (N, *shape), or drawn from one CPU generator seeded with `seed` before batching, so a
     deterministic sampler gives sample i the same result whatever the batch size. Stochastic samplers draw their
     per-step noise from a second generator, in batch order.
@@ -97,6 +99,7 @@ def generate(denoiser, labels: torch.Tensor | None = None, style: torch.Tensor |
     range of every pixel-space model here (None for data without a fixed range, such as latents).
     `bar` is anything with .update(k) (a tqdm bar); `callback(step, x_t, x0_hat)` sees the first batch only.
     """
+    sampler, steps = student_settings(denoiser, sampler, steps, guidance)
     run_sampler = _sampler(sampler, eta)
     shape = tuple(denoiser.shape)
     sizes = {len(c) for c in (labels, style, context, x_T) if c is not None} | ({n} if n is not None else set())
@@ -144,6 +147,19 @@ def generate(denoiser, labels: torch.Tensor | None = None, style: torch.Tensor |
         if bar is not None:
             bar.update(batch.stop - batch.start)
     return torch.cat(out)
+
+
+def student_settings(denoiser, sampler, steps, guidance) -> tuple:
+    """The sampler and step count to use: the defaults (DPM-Solver++(2M), 20 steps), or a distilled student's own."""
+    own = getattr(denoiser, "steps", None)
+    if own is None:
+        return sampler or "dpm++2m", 20 if steps is None else steps
+    if steps not in (None, own) or sampler not in (None, "ddim"):
+        raise ValueError(f"this student was distilled to take exactly {own} DDIM steps; it cannot sample with "
+                         f"{steps or own} steps of {sampler or 'ddim'} (load the student for that step count)")
+    if guidance != 1.0:
+        raise ValueError(f"guidance is built into this distilled student; sample it with guidance 1, not {guidance}")
+    return "ddim", own
 
 
 def _sampler(sampler, eta: float):
@@ -203,10 +219,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100, help="number of images")
     p.add_argument("--labels", default="cycle",
                    help="cycle (0..9 repeated), random, a digit, a comma list like 3,5,8, or none (unconditional model)")
-    p.add_argument("--sampler", default="dpm++2m", choices=sorted(SAMPLERS), help="sampling algorithm")
-    p.add_argument("--steps", type=int, default=20, help="sampler steps (= network evaluations, NFE)")
-    p.add_argument("--guidance", type=float, default=2.0,
-                   help="classifier-free guidance scale: 1 = plain conditional, 0 = unconditional, >1 = stronger")
+    p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
+                   help="sampling algorithm (default: dpm++2m; ddim for a distilled student)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: 20; a distilled student's own, e.g. 1, 2 or 4 for mnist-distilled)")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale: 1 = plain conditional, 0 = unconditional, >1 = stronger "
+                        "(default: 2; 1 for a distilled student, whose guidance is built in)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
     p.add_argument("--clip-x0", type=float, default=None,
                    help="clamp the predicted clean image to [-C, C] at every step (default: no clamp)")
@@ -250,6 +269,27 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+DEFAULTS = {"sampler": "dpm++2m", "steps": 20, "guidance": 2.0}
+
+
+def fill_defaults(args) -> str | None:
+    """Fill --sampler, --steps and --guidance left out: the book's best measured setting for a model, or, for a
+    file of distilled students (chapter 13), DDIM at the file's default step count with guidance 1.
+    Returns the checkpoint's kind (None if the file cannot be read; loading it then says why)."""
+    defaults = dict(DEFAULTS)
+    try:
+        _, config = load_checkpoint(args.checkpoint)
+    except CheckpointError:
+        config = {}  # load_denoiser reports the problem with the file
+    if config.get("kind") == "distilled":
+        defaults = {"sampler": "ddim", "steps": config.get("default_steps", min(config.get("steps", [1]))),
+                    "guidance": 1.0}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return config.get("kind")
+
+
 def _check_args(args) -> None:
     problems = []
     if args.n < 1:
@@ -282,9 +322,10 @@ def _check_args(args) -> None:
 
 
 def run(args) -> dict:
+    distilled = fill_defaults(args) == "distilled"
     _check_args(args)
     path, expected_sha = resolve_checkpoint(args.checkpoint)
-    denoiser = load_denoiser(args.checkpoint, device=args.device)
+    denoiser = load_denoiser(args.checkpoint, device=args.device, steps=args.steps if distilled else None)
     if args.lora:  # chapter 09: refused unless the LoRA was trained on this very file (its SHA-256)
         denoiser = lora.with_lora(denoiser, args.lora, base_sha256=expected_sha or file_sha256(path))
     if video.is_clip_model(denoiser) or args.context_from or args.context_frames is not None or args.gif is not None:

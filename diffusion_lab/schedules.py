@@ -15,15 +15,18 @@ import torch
 
 from .utils import append_dims
 
-SCHEDULES = ("linear", "cosine", "sigmoid")
+SCHEDULES = ("linear", "cosine", "sigmoid", "rectified")
 # What a denoiser outputs: the noise eps, the clean data x0, or the velocity v (Salimans & Ho 2022). The one
-# definition of the word `prediction` in the package; the conversions between the three are at the bottom.
+# definition of the word `prediction` in the package; the conversions between them are at the bottom.
 PREDICTIONS = ("eps", "x0", "v")
+# Chapter 13 adds the rectified-flow velocity u = eps - x0 (Liu et al. 2023; Lipman et al. 2023).
+FLOW = "flow"
 
 
 def check_prediction(prediction) -> str:
-    if prediction not in PREDICTIONS:
-        raise ValueError(f"unknown prediction {prediction!r}; a denoiser predicts one of {', '.join(PREDICTIONS)}")
+    if prediction not in PREDICTIONS + (FLOW,):
+        raise ValueError(f"unknown prediction {prediction!r}; a denoiser predicts one of "
+                         f"{', '.join(PREDICTIONS + (FLOW,))}")
     return prediction
 
 
@@ -52,6 +55,14 @@ def sigmoid_alpha_bar(time: torch.Tensor, start: float = -3.0, end: float = 3.0,
     v_start = torch.sigmoid(torch.tensor(start / tau, dtype=torch.float64))
     v_end = torch.sigmoid(torch.tensor(end / tau, dtype=torch.float64))
     return (v_end - torch.sigmoid((time * (end - start) + start) / tau)) / (v_end - v_start)
+
+
+def rectified_alpha_bar(time: torch.Tensor) -> torch.Tensor:
+    """The straight path x = (1 - time) x0 + time eps of rectified flow (Liu et al. 2023), written as a
+    variance-preserving schedule: dividing x by sqrt((1 - time)^2 + time^2) gives sqrt(alpha_bar) x0 +
+    sqrt(1 - alpha_bar) eps with alpha_bar = (1 - time)^2 / ((1 - time)^2 + time^2). It reaches pure noise
+    (alpha_bar = 0) at time = 1. Chapter 13."""
+    return (1 - time) ** 2 / ((1 - time) ** 2 + time**2)
 
 
 def betas_from_alpha_bar_fn(alpha_bar_fn, T: int, max_beta: float = 0.999) -> torch.Tensor:
@@ -83,8 +94,9 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 
 def make_betas(name: str, T: int = 1000, zero_terminal_snr: bool = False) -> torch.Tensor:
-    """Betas for a named schedule: "linear", "cosine" or "sigmoid"."""
-    makers = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas}
+    """Betas for a named schedule: "linear", "cosine", "sigmoid" or "rectified" (chapter 13; its last beta is 1)."""
+    makers = {"linear": linear_betas, "cosine": cosine_betas, "sigmoid": sigmoid_betas,
+              "rectified": lambda T: betas_from_alpha_bar_fn(rectified_alpha_bar, T, max_beta=1.0)}
     if name not in makers:
         raise ValueError(f"unknown noise schedule {name!r}; choose one of {', '.join(SCHEDULES)}")
     betas = makers[name](T)
@@ -217,6 +229,26 @@ def eps_from_v(x_t, v_hat, alpha_bar_t):
 
 def x0_from_v(x_t, v_hat, alpha_bar_t):
     return alpha_bar_t.sqrt() * x_t - (1 - alpha_bar_t).sqrt() * v_hat
+
+
+def flow_time(alpha_bar_t):
+    """Where a VP point sits on the straight path: x_t = sqrt(alpha_bar) x0 + sqrt(1 - alpha_bar) eps is
+    (sqrt(alpha_bar) + sqrt(1 - alpha_bar)) times the rectified-flow point (1 - s) x0 + s eps, with
+    s = sqrt(1 - alpha_bar) / (sqrt(alpha_bar) + sqrt(1 - alpha_bar)). Returns (s, that scale)."""
+    a, b = alpha_bar_t.sqrt(), (1 - alpha_bar_t).sqrt()
+    return b / (a + b), a + b
+
+
+def x0_from_flow(x_t, u_hat, alpha_bar_t):
+    """x0 from a rectified-flow velocity u = eps - x0: on the straight path x_s = (1 - s) x0 + s eps,
+    x0 = x_s - s u (chapter 13)."""
+    s, scale = flow_time(alpha_bar_t)
+    return x_t / scale - s * u_hat
+
+
+def eps_from_flow(x_t, u_hat, alpha_bar_t):
+    s, scale = flow_time(alpha_bar_t)
+    return x_t / scale + (1 - s) * u_hat
 
 
 def fraction_near_noise(schedule: NoiseSchedule, max_snr: float = 0.01) -> float:

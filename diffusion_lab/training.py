@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,7 +34,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .conditioning import drop_codes, style_code
 from .denoiser import FORMAT, Denoiser
 from .losses import WEIGHTINGS, diffusion_loss
-from .schedules import PREDICTIONS, SCHEDULES, NoiseSchedule
+from .schedules import FLOW, PREDICTIONS, SCHEDULES, NoiseSchedule
 from .unet import UNet
 from .utils import IMAGE_SIZE, NUM_CLASSES, USER_ERRORS, get_device, seed_everything
 
@@ -179,13 +180,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def resume_changes(saved: dict, wanted: dict) -> tuple[list[str], list[str]]:
     """Compare a checkpoint's run config with the requested one: (refused differences, allowed ones), each as
-    "field: saved -> wanted". Only the fields in RESUMABLE may change."""
-    a = _flat({k: saved.get(k) for k in ("net", "prediction", "shape", "codes", "schedule", "fit")})
-    b = _flat({k: wanted.get(k) for k in ("net", "prediction", "shape", "codes", "schedule", "fit")})
+    "field: saved -> wanted". Only the fields in RESUMABLE may change (in the fit config, or in the record)."""
+    def compared(meta):  # as JSON, so tuples read back as lists; train()'s record repeats the fit config: left out
+        part = {k: meta.get(k) for k in ("net", "prediction", "shape", "codes", "schedule", "fit")}
+        part["record"] = {k: v for k, v in (meta.get("record") or {}).items() if k != "train"}
+        return _flat(json.loads(json.dumps(part)))
+
+    a, b = compared(saved), compared(wanted)
     refused, allowed = [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key):
-            (allowed if key.split(".")[-1] in RESUMABLE and key.startswith("fit.") else refused).append(
+            (allowed if key.split(".")[-1] in RESUMABLE and key.startswith(("fit.", "record.")) else refused).append(
                 f"{key.split('.', 1)[-1] if key.startswith('fit.') else key}: {a.get(key)} -> {b.get(key)}")
     return refused, allowed
 
@@ -262,7 +267,8 @@ class FitResult:
 
 
 def fit(denoiser: Denoiser, batches, config: FitConfig, *, checkpoint: str | os.PathLike | None = None,
-        resume: bool = True, progress: bool = True, callback=None, record: dict | None = None) -> FitResult:
+        resume: bool = True, progress: bool = True, callback=None, record: dict | None = None,
+        loss=None) -> FitResult:
     """Train `denoiser.net` to predict `denoiser.prediction` under `denoiser.schedule` on batches of x0 with shape
     (B, *denoiser.shape). `batches(generator, size)` returns {"x0", and optionally "labels", "style", "context"}.
 
@@ -270,8 +276,12 @@ def fit(denoiser: Denoiser, batches, config: FitConfig, *, checkpoint: str | os.
     `resume` is true, training continues from it exactly, and a changed configuration (other than RESUMABLE) is
     refused with the differing fields named. `callback(step, ema_denoiser)` runs every `log_every` steps; returning
     True stops training. `record` (JSON) is saved alongside, e.g. the TrainConfig that built the run.
+    A batch may also carry "eps", the noise paired with each x0 (reflow, chapter 13). `loss(net, x0, codes,
+    generator)` replaces the diffusion loss when given (distillation, chapter 13): `net(x_t, t)` is the network
+    with the batch's codes bound; name the loss in `record`, since the checkpoint cannot store a function.
     """
     config.validate()
+    loss_fn = loss
     rank, world = _distributed()
     if config.batch_size % world:
         raise ValueError(f"batch_size {config.batch_size} must divide evenly over {world} processes")
@@ -336,9 +346,14 @@ def fit(denoiser: Denoiser, batches, config: FitConfig, *, checkpoint: str | os.
                 codes = {k: v for k, v in zip(("labels", "style", "context"), dropped) if v is not None}
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, config)
+            eps = batch["eps"].to(device) if batch.get("eps") is not None else None
+            coded_net = functools.partial(net, **codes)
             with _autocast(config, device):
-                loss = diffusion_loss(lambda x_t, t: net(x_t, t, **codes), schedule, x0, denoiser.prediction,
-                                      config.weighting, config.min_snr_gamma, generator=generator)
+                if loss_fn is None:
+                    loss = diffusion_loss(coded_net, schedule, x0, denoiser.prediction, config.weighting,
+                                          config.min_snr_gamma, eps=eps, generator=generator)
+                else:
+                    loss = loss_fn(coded_net, x0, codes, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
@@ -433,8 +448,8 @@ class TrainConfig(FitConfig):
         problems = []
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
-        if self.prediction not in PREDICTIONS:
-            problems.append(f"prediction {self.prediction!r} is not one of {PREDICTIONS}")
+        if self.prediction not in PREDICTIONS + (FLOW,):
+            problems.append(f"prediction {self.prediction!r} is not one of {PREDICTIONS + (FLOW,)}")
         if self.T < 1:
             problems.append(f"T must be at least 1, got {self.T}")
         if len(self.channels) < 1 or min(self.channels) < 1 or self.blocks_per_level < 1:
@@ -514,7 +529,7 @@ HELP = {
     "channels": "UNet widths, one per resolution (28x28, 14x14, 7x7, ...)", "blocks_per_level": "residual blocks per resolution",
     "attention": "self-attention at the lowest resolution (1 or 0)", "conditional": "condition on the class label (1 or 0)",
     "style": "condition on slant and thickness too (1 or 0)", "schedule": f"noise schedule: {', '.join(SCHEDULES)}",
-    "T": "number of diffusion steps", "prediction": f"what the network predicts: {', '.join(PREDICTIONS)}",
+    "T": "number of diffusion steps", "prediction": f"what the network predicts: {', '.join(PREDICTIONS + (FLOW,))}",
     "weighting": f"loss weighting: {', '.join(WEIGHTINGS)}", "min_snr_gamma": "gamma of min-SNR weighting",
     "p_uncond": "probability of dropping the whole code (classifier-free guidance)",
     "p_uncond_style": "extra probability of dropping only the style code", "steps": "optimizer steps",

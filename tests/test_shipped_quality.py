@@ -18,7 +18,8 @@ GENERATIVE = sorted(name for name, entry in SHIPPED.items() if entry.kind == "di
 @pytest.mark.parametrize("name", GENERATIVE)
 def test_shipped_model_draws_the_requested_digits(name):
     torch.set_num_threads(2)
-    defaults = sample._parser().parse_args(["--out", "unused.npz"])   # the settings the CLI ships with
+    defaults = sample._parser().parse_args(["--out", "unused.npz", "--checkpoint", name])  # the CLI's settings
+    sample.fill_defaults(defaults)
     denoiser = load_denoiser(name, device="cpu")
     labels = torch.arange(200) % 10
     images = sample.generate(denoiser, labels, sampler=defaults.sampler, steps=defaults.steps,
@@ -40,6 +41,7 @@ def test_shipped_lora_draws_the_requested_digits_in_its_style(name):
 
     torch.set_num_threads(2)
     defaults = sample._parser().parse_args(["--out", "unused.npz"])
+    sample.fill_defaults(defaults)
     base = load_denoiser("mnist-cond", device="cpu")
     styled = lora.with_lora(base, name, base_sha256=SHIPPED["mnist-cond"].sha256)
     labels = torch.arange(200) % 10
@@ -93,6 +95,7 @@ def test_tiny_sd_draws_the_digit_each_prompt_names_and_obeys_an_attribute_word()
 
     torch.set_num_threads(2)
     defaults = sample._parser().parse_args(["--out", "unused.npz"])
+    sample.fill_defaults(defaults)
     settings = dict(sampler=defaults.sampler, steps=defaults.steps, guidance=defaults.guidance)
     pipe = tiny_sd.load_tiny_sd("tiny-sd")
     accuracy = tiny_sd.prompt_accuracy(pipe, tiny_sd.digit_prompts(200, seed=12345), seed=12345, **settings)

@@ -268,7 +268,11 @@ def _run(args) -> dict:
         teacher = load_denoiser(args.teacher, device="cpu")
         students = distill_progressively(teacher, args.run_dir, tuple(args.rounds), args.guidance, config,
                                          progress=not args.quiet)
+        from .checkpoint import load_checkpoint
+        seconds = sum(load_checkpoint(os.path.join(args.run_dir, f"round-{n}.safetensors"))[1]["elapsed_s"]
+                      for n in students)
         sha = save_students(args.out, students, default_steps=args.default_steps, teacher=str(args.teacher),
+                            elapsed_s=round(seconds, 1),
                             distill={"method": "progressive", "guidance": args.guidance, "rounds": args.rounds,
                                      "steps_per_round": args.steps, "batch_size": args.batch_size, "lr": args.lr})
         return {"out": args.out, "sha256": sha, "steps": sorted(students), "seconds": round(time.perf_counter() - start)}

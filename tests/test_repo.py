@@ -74,6 +74,9 @@ ALLOWED_IMPORTS: dict[str, set[str]] = {
     "edit": {"checkpoint", "conditioning", "data", "denoiser", "lora", "metrics", "sample", "samplers", "schedules",
              "utils"},
     "watermark": {"data", "denoiser", "samplers", "utils"},  # chapter 14: Tree-Ring marks in x_T
+    # chapter 13: distillation and reflow train through fit with their own losses; students are sampled by generate
+    "distill": {"checkpoint", "conditioning", "data", "denoiser", "sample", "samplers", "schedules", "training",
+                "utils"},
     # chapter 10: pixels <-> latents, words -> vectors (PromptUNet is a net checkpoints may name), the pipeline
     "autoencoder": {"checkpoint", "data", "metrics"},
     "text": {"unet"},

@@ -208,7 +208,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
 # --- command line --------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    shipped = ", ".join(sorted(name for name, entry in SHIPPED.items() if entry.kind == "diffusion")) or "none yet"
+    shipped = ", ".join(sorted(name for name, entry in SHIPPED.items() if entry.kind in ("diffusion", "distilled")))
     p = argparse.ArgumentParser(
         prog="python -m diffusion_lab.sample",
         description="Draw digits from a trained diffusion model and save them as an .npz of uint8 images "

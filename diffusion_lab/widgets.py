@@ -56,6 +56,16 @@ def _show(output, fig) -> None:
     plt.close(fig)
 
 
+def _strip(images, title: str, height: float = 2.0):
+    """One row of digits with a title: the picture every explorer redraws."""
+    fig, ax = plt.subplots(figsize=(1.1 * len(images) + 1.5, height))
+    ax.imshow(image_grid(images, len(images)), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def _redrawn_below(slider, frame):
     """A slider above an Output that shows frame(slider.value), redrawn whenever the slider moves."""
     widgets = _ipywidgets()
@@ -223,13 +233,8 @@ def style_frame(denoiser, digit: int, slant: float, thickness: float, seed: int 
     x_T = torch.randn(n, *denoiser.shape, generator=torch.Generator().manual_seed(int(seed)))
     x0 = sample_style(denoiser, digit, slant, thickness, x_T, steps, guidance)
     got_slant, got_thickness = measure_slant(x0).mean().item(), measure_thickness(x0).mean().item()
-    fig, ax = plt.subplots(figsize=(1.2 * n + 1.5, 2.2))
-    ax.imshow(image_grid(x0, n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(f"digit {int(digit)}: asked slant {slant:+.2f}, thickness {thickness:.2f} px\n"
-                 f"measured (mean of {n}): slant {got_slant:+.2f}, thickness {got_thickness:.2f} px", fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _strip(x0, f"digit {int(digit)}: asked slant {slant:+.2f}, thickness {thickness:.2f} px\n"
+                      f"measured (mean of {n}): slant {got_slant:+.2f}, thickness {got_thickness:.2f} px", 2.2)
 
 
 def style_explorer(denoiser, n: int = 4, steps: int = 10, guidance: float = 2.0):
@@ -270,13 +275,8 @@ def prompt_frame(pipe, prompt: str, negative: str = "", seed: int = 0, n: int = 
 
     images = draw(pipe, [prompt] * n, negative or None, guidance=guidance, steps=steps, seed=int(seed))
     read = " ".join(str(d) for d in predict(images).tolist())
-    fig, ax = plt.subplots(figsize=(1.1 * n + 1, 2.0))
-    ax.imshow(image_grid(images, n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(f"“{prompt}”" + (f" (negative: “{negative}”)" if negative else "") + f"\nclassifier reads: {read}",
-                 fontsize=9)
-    fig.tight_layout()
-    return fig
+    return _strip(images, f"“{prompt}”" + (f" (negative: “{negative}”)" if negative else "")
+                  + f"\nclassifier reads: {read}")
 
 
 def prompt_explorer(pipe, n: int = 8, steps: int = 20, guidance: float = 2.0):
@@ -320,13 +320,8 @@ def realtime_frame(student, digit: int, seed: int, n: int = 8):
     start = time.perf_counter()
     images = torch.cat([generate(student, label, seed=int(seed) + i, batch_size=1) for i in range(n)])
     rate = n / (time.perf_counter() - start)
-    fig, ax = plt.subplots(figsize=(1.1 * n + 1, 1.9))
-    ax.imshow(image_grid(images, n), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(f"digit {digit}, {student.steps}-step student, noise seeds {seed}..{seed + n - 1}: "
-                 f"{rate:.0f} images/s at batch 1", fontsize=9)
-    fig.tight_layout()
-    return fig, rate
+    return _strip(images, f"digit {digit}, {student.steps}-step student, noise seeds {seed}..{seed + n - 1}: "
+                          f"{rate:.0f} images/s at batch 1", 1.9), rate
 
 
 def realtime_explorer(student, n: int = 8):

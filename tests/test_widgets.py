@@ -77,3 +77,15 @@ def test_explorers_build_and_react_to_the_slider():
     with pytest.raises(ValueError, match="eps"):
         widgets.forward_process_explorer(SCHEDULE, X0, eps=torch.zeros(1, 1, 8, 8))
     plt.close("all")
+
+
+def test_realtime_frame_draws_one_digit_per_seed_and_reports_its_rate():
+    from diffusion_lab.denoiser import Denoiser
+    from diffusion_lab.unet import UNet
+
+    torch.manual_seed(0)
+    student = Denoiser(UNet(in_channels=1, channels=(8, 8), attention=False, num_classes=10).eval(), "v", SCHEDULE,
+                       (1, 28, 28), 10, steps=1)
+    fig, rate = widgets.realtime_frame(student, digit=3, seed=5, n=3)
+    assert rate > 0 and "1-step student" in fig.axes[0].get_title() and "seeds 5..7" in fig.axes[0].get_title()
+    plt.close(fig)

@@ -27,7 +27,8 @@ class Shipped(NamedTuple):
     kind: str     # "diffusion" (sampled by diffusion_lab.sample), "classifier", "denoisers" (chapter 05's set),
                   # "lora" (chapter 09: merged into its base with --lora), "chorales" (chapter 11: sampled by
                   # diffusion_lab.sample, writing `rolls`), "autoencoder" and "text-to-image" (chapter 10: --prompt),
-                  # "video" (chapter 12: sampled by diffusion_lab.sample, writing `clips`)
+                  # "video" (chapter 12: sampled by diffusion_lab.sample, writing `clips`), "distilled" (chapter 13:
+                  # students for several step counts in one file; diffusion_lab.sample --steps picks one)
 
 
 # name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.

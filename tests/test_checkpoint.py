@@ -50,8 +50,10 @@ def test_every_shipped_checkpoint_matches_its_pin():
     for name, (sha, kind) in checkpoint.SHIPPED.items():
         path = checkpoint.checkpoint_dir() / f"{name}.safetensors"
         assert kind in ("diffusion", "classifier", "denoisers", "lora", "chorales", "autoencoder", "text-to-image",
-                        "video"), \
+                        "video", "distilled"), \
             f"{name}: unknown kind {kind!r}"
         assert path.stat().st_size <= 8_000_000, f"{path} is over the 8 MB a shipped file may take"
         assert file_sha256(path) == sha, f"{path} does not match SHIPPED[{name!r}]"
-        assert (checkpoint.checkpoint_dir() / f"{name}.md").exists(), f"{name} has no model card"
+        card = checkpoint.checkpoint_dir() / f"{name}.md"
+        assert card.exists(), f"{name} has no model card"
+        assert sha in card.read_text(), f"the model card of {name} does not name the file's SHA-256"

@@ -183,17 +183,12 @@ def sample_consistency(model, schedule: NoiseSchedule, x_T: torch.Tensor, steps:
 def reflow_batches(x_T: torch.Tensor, x0: torch.Tensor, labels: torch.Tensor | None = None):
     """A `fit` batch source over fixed (noise, sample) pairs: training on it with prediction "flow" is one reflow
     round (Liu et al. 2023, sec. 2.3): the straight line from x_T to the model's own x0 becomes the target path."""
-    if x_T.shape != x0.shape:
-        raise ValueError(f"noise {tuple(x_T.shape)} and samples {tuple(x0.shape)} must pair up one to one")
-    source = tensor_batches(x0, labels, context=None)
-    noise = tensor_batches(x_T)
+    if x_T.shape != x0.shape or (labels is not None and len(labels) != len(x0)):
+        raise ValueError(f"noise {tuple(x_T.shape)}, samples {tuple(x0.shape)} and labels must pair up one to one")
 
     def draw(generator, size):
-        state = generator.get_state()
-        batch = source(generator, size)
-        generator.set_state(state)       # the same rows for the noise
-        batch["eps"] = noise(generator, size)["x0"]
-        return batch
+        idx = torch.randint(0, len(x0), (size,), generator=generator)
+        return {"x0": x0[idx], "eps": x_T[idx], "labels": None if labels is None else labels[idx]}
 
     return draw
 
@@ -259,7 +254,6 @@ def make_reflow_pairs(flow: Denoiser, n: int, guidance: float, steps: int, seed:
 def _run(args) -> dict:
     import time
 
-    torch.manual_seed(args.seed)
     config = FitConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        ema_decay=args.ema_decay, p_uncond=0.0, p_uncond_style=0.0, ckpt_every=args.ckpt_every,
                        seed=args.seed)

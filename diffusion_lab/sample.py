@@ -208,7 +208,7 @@ def evaluate(images: torch.Tensor, labels: torch.Tensor, seed: int = 0) -> dict:
 # --- command line --------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    shipped = ", ".join(sorted(name for name, entry in SHIPPED.items() if entry.kind in ("diffusion", "distilled")))
+    shipped = ", ".join(sorted(name for name, entry in SHIPPED.items() if entry.kind in ("diffusion", "distilled"))) or "none yet"
     p = argparse.ArgumentParser(
         prog="python -m diffusion_lab.sample",
         description="Draw digits from a trained diffusion model and save them as an .npz of uint8 images "
@@ -222,7 +222,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
                    help="sampling algorithm (default: dpm++2m; ddim for a distilled student)")
     p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps (default: 20; a distilled student's own, e.g. 1, 2 or 4 for mnist-distilled)")
+                   help="sampler steps (default: 20; for a file of distilled students, its default student)")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale: 1 = plain conditional, 0 = unconditional, >1 = stronger "
                         "(default: 2; 1 for a distilled student, whose guidance is built in)")

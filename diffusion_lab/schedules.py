@@ -21,12 +21,12 @@ SCHEDULES = ("linear", "cosine", "sigmoid", "rectified")
 PREDICTIONS = ("eps", "x0", "v")
 # Chapter 13 adds the rectified-flow velocity u = eps - x0 (Liu et al. 2023; Lipman et al. 2023).
 FLOW = "flow"
+OUTPUTS = PREDICTIONS + (FLOW,)   # everything a denoiser may output; chapter 04 compares PREDICTIONS only
 
 
 def check_prediction(prediction) -> str:
-    if prediction not in PREDICTIONS + (FLOW,):
-        raise ValueError(f"unknown prediction {prediction!r}; a denoiser predicts one of "
-                         f"{', '.join(PREDICTIONS + (FLOW,))}")
+    if prediction not in OUTPUTS:
+        raise ValueError(f"unknown prediction {prediction!r}; a denoiser predicts one of {', '.join(OUTPUTS)}")
     return prediction
 
 

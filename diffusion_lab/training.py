@@ -34,7 +34,7 @@ from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .conditioning import drop_codes, style_code
 from .denoiser import FORMAT, Denoiser
 from .losses import WEIGHTINGS, diffusion_loss
-from .schedules import FLOW, PREDICTIONS, SCHEDULES, NoiseSchedule
+from .schedules import OUTPUTS, SCHEDULES, NoiseSchedule
 from .unet import UNet
 from .utils import IMAGE_SIZE, NUM_CLASSES, USER_ERRORS, get_device, seed_everything
 
@@ -448,8 +448,8 @@ class TrainConfig(FitConfig):
         problems = []
         if self.schedule not in SCHEDULES:
             problems.append(f"schedule {self.schedule!r} is not one of {SCHEDULES}")
-        if self.prediction not in PREDICTIONS + (FLOW,):
-            problems.append(f"prediction {self.prediction!r} is not one of {PREDICTIONS + (FLOW,)}")
+        if self.prediction not in OUTPUTS:
+            problems.append(f"prediction {self.prediction!r} is not one of {OUTPUTS}")
         if self.T < 1:
             problems.append(f"T must be at least 1, got {self.T}")
         if len(self.channels) < 1 or min(self.channels) < 1 or self.blocks_per_level < 1:
@@ -529,7 +529,7 @@ HELP = {
     "channels": "UNet widths, one per resolution (28x28, 14x14, 7x7, ...)", "blocks_per_level": "residual blocks per resolution",
     "attention": "self-attention at the lowest resolution (1 or 0)", "conditional": "condition on the class label (1 or 0)",
     "style": "condition on slant and thickness too (1 or 0)", "schedule": f"noise schedule: {', '.join(SCHEDULES)}",
-    "T": "number of diffusion steps", "prediction": f"what the network predicts: {', '.join(PREDICTIONS + (FLOW,))}",
+    "T": "number of diffusion steps", "prediction": f"what the network predicts: {', '.join(OUTPUTS)}",
     "weighting": f"loss weighting: {', '.join(WEIGHTINGS)}", "min_snr_gamma": "gamma of min-SNR weighting",
     "p_uncond": "probability of dropping the whole code (classifier-free guidance)",
     "p_uncond_style": "extra probability of dropping only the style code", "steps": "optimizer steps",

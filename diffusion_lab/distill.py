@@ -24,7 +24,7 @@ import os
 import torch
 
 from . import data
-from .checkpoint import save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .conditioning import guided
 from .denoiser import FORMAT, Denoiser, load_denoiser
 from .samplers import _noise, _steps, predict, prediction_of, sampling_timesteps
@@ -135,6 +135,9 @@ def consistency_loss(teacher, schedule: NoiseSchedule, grid_steps: int = 20, gui
     """Consistency distillation (Song et al. 2023, Algorithm 2) on the `grid_steps` DDIM grid: the student's x0_hat
     at a point must equal its own x0_hat one teacher step later on the same ODE path. The target network is the
     student itself without gradient (mu = 0, as Song & Dhariwal 2023 recommend); at the clean end it is the point."""
+    if getattr(teacher, "prediction", "v") != "v":
+        raise ValueError(f"the consistency student reads x0_hat from a v-prediction; the teacher predicts "
+                         f"{teacher.prediction!r}")
     grid = _grid(schedule, grid_steps)
 
     def x0_of(net, x_t, t):  # f_theta: the v-prediction's x0_hat, which is x_t itself as alpha_bar -> 1
@@ -251,18 +254,42 @@ def make_reflow_pairs(flow: Denoiser, n: int, guidance: float, steps: int, seed:
     return x_T, x0, labels
 
 
+def _check_args(args) -> None:
+    """Refuse what would fail only after minutes of training."""
+    import math
+    from pathlib import Path
+
+    problems = []
+    out = Path(args.out).expanduser()
+    if out.suffix != ".safetensors" or out.is_dir():
+        problems.append(f"--out must name a .safetensors file, got {args.out!r}")
+    elif not out.resolve().parent.is_dir():
+        problems.append(f"the folder of --out does not exist: {out.resolve().parent}")
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        problems.append(f"--guidance must be a finite number >= 0, got {args.guidance}")
+    if args.command == "progressive" and args.default_steps not in args.rounds:
+        problems.append(f"--default-steps {args.default_steps} is not one of --rounds {args.rounds}")
+    if args.command == "consistency" and not 1 <= args.grid:
+        problems.append(f"--grid must be at least 1, got {args.grid}")
+    if args.command == "reflow" and (args.pairs < 1 or args.pair_steps < 1):
+        problems.append(f"--pairs and --pair-steps must be at least 1, got {args.pairs}, {args.pair_steps}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def _run(args) -> dict:
     import time
 
+    _check_args(args)
     config = FitConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
                        ema_decay=args.ema_decay, p_uncond=0.0, p_uncond_style=0.0, ckpt_every=args.ckpt_every,
                        seed=args.seed)
+    config.validate()
     start = time.perf_counter()
     if args.command == "progressive":
         teacher = load_denoiser(args.teacher, device="cpu")
         students = distill_progressively(teacher, args.run_dir, tuple(args.rounds), args.guidance, config,
                                          progress=not args.quiet)
-        from .checkpoint import load_checkpoint
         seconds = sum(load_checkpoint(os.path.join(args.run_dir, f"round-{n}.safetensors"))[1]["elapsed_s"]
                       for n in students)
         sha = save_students(args.out, students, default_steps=args.default_steps, teacher=str(args.teacher),
@@ -276,23 +303,16 @@ def _run(args) -> dict:
         result = fit(student, mnist_batches(), config, checkpoint=args.out, progress=not args.quiet,
                      loss=consistency_loss(teacher, teacher.schedule, args.grid, args.guidance),
                      record={"distill": {"method": "consistency", "grid": args.grid, "guidance": args.guidance,
-                                         "teacher": str(args.teacher)}})
+                                         "teacher": fingerprint(teacher.net)}})
         return {"out": args.out, "step": result.step, "seconds": round(result.elapsed_s)}
-    # reflow: pairs from the flow model (cached next to --out), then flow matching on the pairs
+    # reflow: pairs from the flow model (the same pairs again on a resume: they depend only on it and the seed)
     flow = load_denoiser(args.flow, device="cpu")
-    pairs_path = str(args.out).replace(".safetensors", "-pairs.safetensors")
-    if os.path.exists(pairs_path):
-        from .checkpoint import load_checkpoint
-        pairs, _ = load_checkpoint(pairs_path)
-        x_T, x0, labels = pairs["x_T"], pairs["x0"], pairs["labels"]
-    else:
-        x_T, x0, labels = make_reflow_pairs(flow, args.pairs, args.guidance, args.pair_steps, args.seed,
-                                            not args.quiet)
-        save_checkpoint(pairs_path, {"x_T": x_T, "x0": x0, "labels": labels},
-                        {"pairs": args.pairs, "guidance": args.guidance, "pair_steps": args.pair_steps})
+    if flow.prediction != "flow":
+        raise ValueError(f"reflow retrains a flow model (prediction 'flow'); {args.flow} predicts {flow.prediction!r}")
+    x_T, x0, labels = make_reflow_pairs(flow, args.pairs, args.guidance, args.pair_steps, args.seed, not args.quiet)
     student = dataclasses.replace(flow, net=copy.deepcopy(flow.net).train().requires_grad_(True))
     result = fit(student, reflow_batches(x_T, x0, labels), config, checkpoint=args.out, progress=not args.quiet,
-                 record={"distill": {"method": "reflow", "flow": str(args.flow), "pairs": args.pairs,
+                 record={"distill": {"method": "reflow", "flow": fingerprint(flow.net), "pairs": args.pairs,
                                      "pair_steps": args.pair_steps, "guidance": args.guidance}})
     return {"out": args.out, "step": result.step, "seconds": round(result.elapsed_s)}
 

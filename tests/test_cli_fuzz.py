@@ -33,7 +33,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import diffusion_lab
-from diffusion_lab import autoencoder, edit, lora, metrics, music, sample, tiny_sd, training, video, watermark
+from diffusion_lab import (autoencoder, distill, edit, lora, metrics, music, sample, tiny_sd, training, video,
+                           watermark)
+from diffusion_lab.checkpoint import load_checkpoint
 from diffusion_lab.denoiser import save_denoiser
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,6 +47,7 @@ CLIS = {
     "diffusion_lab.metrics": (metrics.main, metrics._parser),
     "diffusion_lab.edit": (edit.main, edit._parser),
     "diffusion_lab.watermark": (watermark.main, watermark._parser),
+    "diffusion_lab.distill": (distill.main, distill._parser),
 }
 
 
@@ -184,8 +187,10 @@ def _complete(path: Path, kind: str) -> None:
         else:
             assert arrays["images"].dtype == np.uint8 and arrays["images"].ndim == 3
             assert len(arrays["labels"]) == len(arrays["images"])
-    elif kind == "folder":  # one file per sample: MIDI or WAV, each whole
-        if path.suffix == ".gif":
+    elif kind == "folder":  # one file per sample (MIDI, WAV, GIF) or per training round (safetensors), each whole
+        if path.suffix == ".safetensors":
+            load_checkpoint(path)
+        elif path.suffix == ".gif":
             from PIL import Image
 
             with Image.open(path) as img:
@@ -263,7 +268,8 @@ def run_cli(module: str, argv: list[str], inputs: Path, outputs: dict[str, str],
         after = _snapshot(work)
         for path, blob in after.items():
             assert not path.name.endswith((".tmp", ".lock")), f"left behind: {path.name}\n{shown}"
-            in_folder = any(f in path.resolve().parents for f in folders) and path.suffix in (".mid", ".wav", ".gif")
+            in_folder = any(f in path.resolve().parents for f in folders) and path.suffix in (".mid", ".wav", ".gif",
+                                                                                              ".safetensors")
             if (path.resolve() in targets or in_folder) and before.get(path) != blob:
                 _complete(path, "folder" if in_folder else targets[path.resolve()])  # whole, never half
             else:
@@ -554,3 +560,57 @@ def test_watermark_cli(inputs, argv):
     status, stdout = run_cli("diffusion_lab.watermark", argv, inputs, {"--out": "json"})
     if argv == GOOD_DETECT:
         assert status == 0 and len(json.loads(stdout)["p_values"]) == 2
+
+
+# --- distill (chapter 13): a tiny teacher, a step or two of training, and every way to get the arguments wrong
+
+DISTILL = {
+    "--out": (["d.safetensors", "existing.safetensors"], ["sub/d.safetensors", "d.txt", "", "."]),
+    "--run-dir": (["rounds"], []),
+    "--teacher": ([TINY], BAD_CHECKPOINTS),
+    "--flow": ([TINY], BAD_CHECKPOINTS),
+    "--steps": (["1", "2"], ["0", "-1", "x"]),
+    "--batch-size": (["2"], ["0", "-2"]),
+    "--lr": (["1e-3"], ["0", "-1", "nan"]),
+    "--warmup": (["0", "1"], ["-1"]),
+    "--ema-decay": (["0.9"], ["1", "-0.1"]),
+    "--ckpt-every": (["1"], ["0"]),
+    "--guidance": (["1", "2"], ["-1", "nan", "inf"]),
+    "--rounds": (["2 1", "4 2 1"], ["4 1", "3", "0", "2 2"]),
+    "--default-steps": (["1", "2"], ["3", "0"]),
+    "--grid": (["2", "20"], ["0", "21", "-1"]),
+    "--pairs": (["2", "4"], ["0", "-1"]),
+    "--pair-steps": (["1", "2"], ["0", "21"]),
+}
+
+
+@st.composite
+def distill_argvs(draw):
+    commands = next(a for a in distill._parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    name = draw(st.sampled_from([*commands, "bogus"]))
+    if name == "bogus":
+        return [name]
+    argv = draw(argvs(commands[name], DISTILL, always=("--out", "--steps", "--batch-size", "--quiet", "--run-dir",
+                                                         "--pairs", "--pair-steps")))
+    return [name, *(word for arg in argv for word in arg.split(" "))]   # "--rounds 2 1" is three words
+
+
+GOOD_DISTILL = ["progressive", "--teacher", TINY, "--run-dir", "rounds", "--rounds", "2", "1", "--default-steps", "1",
+                "--steps", "1", "--batch-size", "2", "--out", "d.safetensors", "--quiet"]
+
+
+@fuzz_settings(40)
+@given(argv=distill_argvs())
+@example(argv=GOOD_DISTILL)
+def test_distill_cli(inputs, argv):
+    outputs = {"--out": "safetensors", "--run-dir": "folder"}
+    status, stdout = run_cli("diffusion_lab.distill", argv, inputs, outputs, seed_files=("existing.safetensors",))
+    if argv == GOOD_DISTILL:
+        assert status == 0 and json.loads(stdout.strip().splitlines()[-1])["steps"] == [1, 2]
+
+
+def test_distill_cli_refuses_a_reflow_of_a_model_that_is_not_a_flow(inputs, tmp_path):
+    with pytest.raises(SystemExit, match="reflow retrains a flow model"):
+        distill.main(["reflow", "--flow", str(inputs / "tiny.safetensors"), "--pairs", "2", "--pair-steps", "1",
+                      "--steps", "1", "--batch-size", "2", "--out", str(tmp_path / "r.safetensors"), "--quiet"])
+    assert not (tmp_path / "r.safetensors").exists()

@@ -68,7 +68,8 @@ def test_shipped_chorale_model_harmonises_closer_to_bach_than_the_baselines(name
     from diffusion_lab import music
 
     torch.set_num_threads(2)
-    defaults = sample._parser().parse_args(["--out", "unused.npz"])
+    defaults = sample._parser().parse_args(["--out", "unused.npz", "--checkpoint", name])
+    sample.fill_defaults(defaults)
     chorales = music.bach_chorales()
     train = music.windows(music.split(chorales, "train"))
     test = music.windows(music.split(chorales, "test"))[:64]

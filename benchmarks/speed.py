@@ -43,7 +43,7 @@ PRESETS = {
                  straight_steps=50),
     "smoke": dict(n=20, steps=[1, 2], batch1=2, gan_steps=3, gan_width=8, straight_n=4, straight_steps=4),
 }
-RUNS = Path("runs/speed")  # where the training commands in benchmarks/README.md leave the unshipped models
+RUNS = Path("runs/speed")  # where the commands in benchmarks/README.md leave the models that are not shipped
 
 
 def quantised(denoiser):
@@ -255,7 +255,7 @@ def main(argv=None) -> dict:
     parser = base_parser(__doc__, "speed.json")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
     parser.add_argument("--teacher", default="mnist-cond")
-    parser.add_argument("--students", default=str(RUNS / "mnist-distilled.safetensors"))
+    parser.add_argument("--students", default="mnist-distilled")  # the shipped students
     parser.add_argument("--consistency", default=str(RUNS / "consistency.safetensors"))
     parser.add_argument("--flow", default=str(RUNS / "mnist-flow.safetensors"))
     parser.add_argument("--reflow", default=str(RUNS / "mnist-reflow.safetensors"))

@@ -42,6 +42,8 @@ SHIPPED: dict[str, Shipped] = {
     "tiny-sd": Shipped("4ad52447b589f78cb5224dd52b4a66d2d3dc09486a4583270059b48d69b179d0", "text-to-image"),
     "mnist-vae": Shipped("0ffdc2e76fac113702cf677bb0d658b894beeb959e5495c23eaff6dcae780839", "autoencoder"),
     "moving-mnist": Shipped("7ab379f571e00958d2a74098dd84d2743397fce9f55253775db7ebf43743006c", "video"),  # chapter 12
+    # chapter 13: progressive students of mnist-cond for 8, 4, 2 and 1 steps (--steps picks one)
+    "mnist-distilled": Shipped("743aac24e5d91bb8602fb015c73f7b3521227c275fcd7a73ce5a08f95b154a41", "distilled"),
 }
 
 CHECKPOINT_ENV = "DIFFUSION_LAB_CHECKPOINTS"

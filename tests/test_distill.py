@@ -206,3 +206,24 @@ def test_sample_cli_draws_from_a_student_and_refuses_other_step_counts(tmp_path,
         sample.main(["--checkpoint", str(path), "--n", "3", "--steps", "3", "--out", str(tmp_path / "s.npz")])
     with pytest.raises(SystemExit, match="guidance is built into"):
         sample.main(["--checkpoint", str(path), "--n", "3", "--guidance", "2", "--out", str(tmp_path / "s.npz")])
+
+
+def test_shipped_students_card_reports_the_committed_measurement():
+    """The model card of mnist-distilled quotes the CLI's measurement (checkpoints/mnist-distilled-eval.json) and the
+    4-step student meets chapter 13's bar: accuracy >= 98% and classifier-FID within 1.5x the teacher's 20-step FID."""
+    import json
+    import re
+
+    from diffusion_lab.checkpoint import checkpoint_dir
+
+    measured = json.loads((checkpoint_dir() / "mnist-distilled-eval.json").read_text())
+    card = (checkpoint_dir() / "mnist-distilled.md").read_text()
+    teacher = json.loads(re.search(r"Raw output: `(\{.*?\})`", (checkpoint_dir() / "mnist-cond.md").read_text())[1])
+    assert sorted(measured["rows"]) == ["1", "2", "4", "8"]
+    for steps, row in measured["rows"].items():
+        quoted = {k: row[k] for k in ("n", "classifier_fid", "classifier_fid_real", "n_real", "conditional_accuracy")}
+        assert f"{steps} step(s): `{json.dumps(quoted)}`" in card, steps
+        assert row["n"] == 2000
+    four = measured["rows"]["4"]
+    assert four["conditional_accuracy"] >= 0.98
+    assert four["classifier_fid"] <= 1.5 * teacher["classifier_fid"]

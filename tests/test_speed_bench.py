@@ -89,3 +89,10 @@ def test_speed_micro_measures_every_row_and_resumes(tmp_path, models):
         if key != "teacher, DDIM | 2":
             assert c["ms_per_image_batch1"] == result["cells"][key]["ms_per_image_batch1"], key
     assert "teacher, DDIM | 2" in again["cells"]
+
+
+def test_committed_speed_results_are_what_the_script_renders():
+    js, md = RESULTS / "speed.json", RESULTS / "speed.md"
+    result = json.loads(js.read_text())
+    assert md.read_text().strip() == speed.render(result).strip()
+    assert result["preset_name"] == "full" and result["summary"]["real_time"] is not None

@@ -6,12 +6,14 @@ sampler lands on c in any number of steps and every distillation target is known
 from __future__ import annotations
 
 import dataclasses
+import json
+import re
 
 import pytest
 import torch
 
 from diffusion_lab import distill, sample
-from diffusion_lab.checkpoint import CheckpointError
+from diffusion_lab.checkpoint import CheckpointError, checkpoint_dir
 from diffusion_lab.denoiser import Denoiser, load_denoiser
 from diffusion_lab.losses import target, x0_weight
 from diffusion_lab.samplers import SAMPLERS, sample_ddim, sample_heun
@@ -211,11 +213,6 @@ def test_sample_cli_draws_from_a_student_and_refuses_other_step_counts(tmp_path,
 def test_shipped_students_card_reports_the_committed_measurement():
     """The model card of mnist-distilled quotes the CLI's measurement (checkpoints/mnist-distilled-eval.json) and the
     4-step student meets chapter 13's bar: accuracy >= 98% and classifier-FID within 1.5x the teacher's 20-step FID."""
-    import json
-    import re
-
-    from diffusion_lab.checkpoint import checkpoint_dir
-
     measured = json.loads((checkpoint_dir() / "mnist-distilled-eval.json").read_text())
     card = (checkpoint_dir() / "mnist-distilled.md").read_text()
     teacher = json.loads(re.search(r"Raw output: `(\{.*?\})`", (checkpoint_dir() / "mnist-cond.md").read_text())[1])

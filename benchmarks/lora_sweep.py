@@ -1,4 +1,4 @@
-"""Teaching the shipped `mnist-cond` a new style, typeset digits: full fine-tuning against LoRA (Hu et al. 2022)
+"""Teaching the shipped `mnist-cond-small` a new style, typeset digits: full fine-tuning against LoRA (Hu et al. 2022)
 at ranks 1, 4 and 16, against fine-tuning steps and against the number of style images (chapter 09).
 
 Data: `data.typeset_digits()` split by font face with `style_score.split_fonts(seed=0)`: the model is fine-tuned
@@ -39,7 +39,7 @@ from diffusion_lab.denoiser import load_denoiser, save_denoiser  # noqa: E402
 from diffusion_lab.sample import generate  # noqa: E402
 from diffusion_lab.training import FitConfig, fit, tensor_batches  # noqa: E402
 
-BASE = "mnist-cond"
+BASE = "mnist-cond-small"
 RUNS = Path("runs/lora_sweep")
 
 
@@ -110,13 +110,13 @@ def run_one(name, method, n_images, args, train_x, train_y, judge, held_out) -> 
 
 def render(result: dict) -> str:
     s = result["settings"]
-    lines = ["**Teaching mnist-cond typeset digits: full fine-tuning against LoRA**", "",
+    lines = [f"**Teaching {BASE} typeset digits: full fine-tuning against LoRA**", "",
              machine_line(result["machine"]), "", f"`{result['command']}`", "",
              f"Style score held-out accuracy {fmt(result['style_score_accuracy'])}; "
              f"{s['n_eval']} samples per point, DPM-Solver++(2M) {s['sample_steps']} steps, guidance {s['guidance']}; "
              f"total wall time {result.get('total_wall_s', '?')} s.", ""]
     ref = result["reference"]
-    rows = [["base mnist-cond", "-", "-", 0, "-", ref["base"]["style"], ref["base"]["accuracy"], ref["base"]["fid"]],
+    rows = [[f"base {BASE}", "-", "-", 0, "-", ref["base"]["style"], ref["base"]["accuracy"], ref["base"]["fid"]],
             ["real training-face digits", "-", "-", "-", "-", ref["real"]["style"], ref["real"]["accuracy"],
              ref["real"]["fid"]]]
     for run in result["runs"]:

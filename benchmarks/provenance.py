@@ -1,7 +1,7 @@
 """Provenance (chapter 14): how well a Tree-Ring watermark is found, clean and under attacks, and how well a small
 classifier tells the shipped model's digits from real ones.
 
-Watermark. The shipped `mnist-cond` draws `n` digits (0..9 cycling) from starting noise that carries the key's mark
+Watermark. The shipped `mnist-cond-small` draws `n` digits (0..9 cycling) from starting noise that carries the key's mark
 (diffusion_lab.watermark) and `n` from plain noise, with the sampling command's defaults (DPM-Solver++(2M), 20
 steps, guidance 2). Both sets then go through each attack (none, Gaussian noise, blur, a shift, a crop, grey-level
 quantisation) and through detection (DDIM inversion with the null label, then the key's p-value). We record every
@@ -111,7 +111,7 @@ def render(result: dict) -> str:
     if result["preset_name"] != "cpu":
         lines += [smoke_line(f"preset {result['preset_name']}", HEADLINE), ""]
     lines += [f"Command: `{result['command']}`. Total wall time {fmt(result['total_wall_s'])} s. "
-              f"{p['n']} marked and {p['n']} unmarked digits from `mnist-cond` (DPM-Solver++(2M), {p['sample_steps']} "
+              f"{p['n']} marked and {p['n']} unmarked digits from `{result['checkpoint']}` (DPM-Solver++(2M), {p['sample_steps']} "
               f"steps, guidance 2); detection by {p['detect_steps']}-step DDIM inversion with the null label; "
               f"alpha = {watermark.ALPHA}.", ""]
     rows = [[name, ATTACK_WORDS[name], r["fpr_at_alpha"], r["tpr_at_alpha"], r["tpr_at_fpr_1pct"], r["auc"]]
@@ -137,7 +137,7 @@ def render(result: dict) -> str:
 def main(argv=None) -> dict:
     parser = base_parser(__doc__, "provenance.json")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
-    parser.add_argument("--checkpoint", default="mnist-cond")
+    parser.add_argument("--checkpoint", default="mnist-cond-small")
     args = parser.parse_args(argv)
     done, machine, _ = begin(args, render, "Provenance: Tree-Ring watermark", HEADLINE)
     if done:

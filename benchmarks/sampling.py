@@ -16,8 +16,8 @@ Every sampler starts from the same noise x_T (seed `--seed`) and is asked for di
 measured on the shipped classifier's features against all 10,000 real test digits. NFE counts network calls
 per image; with `--guidance` above 1 each call is one batched pass over the conditional and null codes.
 
-Run from the repository root once checkpoints/mnist-cond.safetensors exists (about 20-30 min on a 2-core CPU):
-    python benchmarks/sampling.py --checkpoint mnist-cond --nfe 5 10 20 50 --n-eval 1000
+Run from the repository root once checkpoints/mnist-cond-small.safetensors exists (about 20-30 min on a 2-core CPU):
+    python benchmarks/sampling.py --checkpoint mnist-cond-small --nfe 5 10 20 50 --n-eval 1000
 writes benchmarks/results/sampling.json and .md.
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from _common import (Judge, base_parser, begin, command_line, fmt, machine_line,
                      real_floor, sample_images, smoke_line, write_results)
 
 from diffusion_lab import data, metrics  # noqa: E402
-from diffusion_lab.checkpoint import load_checkpoint, resolve_checkpoint  # noqa: E402
+from diffusion_lab.checkpoint import SHIPPED, load_checkpoint, resolve_checkpoint  # noqa: E402
 from diffusion_lab.utils import file_sha256  # noqa: E402
 from diffusion_lab.denoiser import load_denoiser  # noqa: E402
 from diffusion_lab.diffusers_compat import diffusers_sampler  # noqa: E402
@@ -43,7 +43,7 @@ DIFFUSERS = {"diffusers-ddim": diffusers_sampler("ddim"), "diffusers-dpm++2m": d
 UNCLIPPED = {"diffusers-dpm++2m"}  # diffusers' DPM-Solver offers only dynamic thresholding, no x0_hat clipping
 HEADLINE = {"n_eval": 1000}
 TITLE = "Sampling: classifier-FID and time per image against NFE"
-HEADLINE_COMMAND = "python benchmarks/sampling.py --checkpoint mnist-cond --nfe 5 10 20 50 --n-eval 1000"
+HEADLINE_COMMAND = "python benchmarks/sampling.py --checkpoint mnist-cond-small --nfe 5 10 20 50 --n-eval 1000"
 
 
 def draw(name: str, denoiser, n: int, nfe: int, guidance: float = 1.0, clip_x0: float | None = 1.0, seed: int = 0,
@@ -95,7 +95,7 @@ def render(result: dict) -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = base_parser(__doc__, "sampling.json")
-    p.add_argument("--checkpoint", default="mnist-cond", help="shipped name or path of a diffusion_lab checkpoint")
+    p.add_argument("--checkpoint", default="mnist-cond-small", help="shipped name or path of a diffusion_lab checkpoint")
     p.add_argument("--nfe", type=int, nargs="+", default=[5, 10, 20, 50])
     p.add_argument("--samplers", nargs="+", default=[*OURS, *DIFFUSERS], choices=[*OURS, *DIFFUSERS])
     p.add_argument("--n-eval", type=int, default=HEADLINE["n_eval"])
@@ -134,7 +134,7 @@ def main(argv=None) -> dict:
               "T": denoiser.schedule.T, "prediction": denoiser.prediction, "guidance": args.guidance, "clip_x0": clip,
               "n_eval": args.n_eval, "n_reference": judge.n_reference, "batch": args.batch, "seed": args.seed,
               "nfe": args.nfe, "samplers": args.samplers, "floor_fid": real_floor(judge, args.n_eval),
-              "smoke": args.n_eval < HEADLINE["n_eval"] or bool(args.n_reference) or args.checkpoint != "mnist-cond",
+              "smoke": args.n_eval < HEADLINE["n_eval"] or bool(args.n_reference) or args.checkpoint not in SHIPPED,
               "rows": rows}
     result["total_wall_s"] = time.perf_counter() - t_start
     json_path, md_path = write_results(args.out, result, render(result))

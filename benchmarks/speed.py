@@ -1,6 +1,6 @@
 """Speed (chapter 13): quality against network evaluations, and time per image, for every way to fewer steps.
 
-Rows: the teacher (`mnist-cond`, guidance 2) with DDIM, DPM-Solver++(2M) and DDPM; the progressive students
+Rows: the teacher (`mnist-cond-small`, guidance 2) with DDIM, DPM-Solver++(2M) and DDPM; the progressive students
 (a file from `python -m diffusion_lab.distill progressive`, guidance built in); a consistency student; a flow-matching model with Euler (= DDIM) and Heun;
 the same flow model after one reflow; the teacher with dynamic int8 quantisation of its Linear layers, and with
 30% of each convolution's output channels pruned (L2, structured); chapter 01's DCGAN (one step).
@@ -254,7 +254,7 @@ def render(result: dict) -> str:
 def main(argv=None) -> dict:
     parser = base_parser(__doc__, "speed.json")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    parser.add_argument("--teacher", default="mnist-cond")
+    parser.add_argument("--teacher", default="mnist-cond-small")
     parser.add_argument("--students", default="mnist-distilled")  # the shipped students
     parser.add_argument("--consistency", default=str(RUNS / "consistency.safetensors"))
     parser.add_argument("--flow", default=str(RUNS / "mnist-flow.safetensors"))

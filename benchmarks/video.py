@@ -8,7 +8,7 @@ model card `checkpoints/moving-mnist.md` read every number from it).
 Per seed, 60 held-out clips (6 of each digit; `video.test_clips`) give the labels, the paths and the context:
   real:        the clips themselves, cropped along their true paths;
   generated:   the clip model asked for the same labels (DPM-Solver++(2M), guidance 2), cropped by centroid;
-  baseline:    `mnist-cond` drawing a fresh digit of the label for every frame, pasted along the real path,
+  baseline:    `mnist-cond-small` drawing a fresh digit of the label for every frame, pasted along the real path,
                cropped by centroid like the generated clips;
   prediction:  frames 4-7 generated from frames 0-3 (no label), against copying frame 3;
   interpolation: frames 1-6 generated from frames 0 and 7, against a cross-fade of the two.
@@ -148,7 +148,7 @@ Every number below is written by `python benchmarks/video.py` from `benchmarks/r
 parameters, {c["parameters"] - c["parameters_without_temporal"]:,} of them in the zero-initialised 3x1x1 temporal
 convs and their norms. {c["flops_per_clip"] / 1e9:.3f} GFLOPs per network evaluation on one clip
 ({c["flops_per_clip_without_temporal"] / 1e9:.3f} without the temporal layers; torch's FLOP counter). v-prediction,
-cosine schedule, T = 1000, all inherited from `mnist-cond`, whose spatial weights it starts from
+cosine schedule, T = 1000, all inherited from `mnist-cond-small`, whose spatial weights it starts from
 (`video.video_denoiser`; the null style's embedding folded into a bias).
 
 ## Training
@@ -169,7 +169,7 @@ DPM-Solver++(2M) with {result["steps"]} steps, guidance {result["guidance"]} for
 Frames are classified by `mnist-classifier` on each digit's 28 x 28 crop (real clips: along their true path;
 generated and baseline: around the ink's centre). Stroke change (`video.stroke_change`): the mean absolute change
 of intensity, in [0, 1], between consecutive crops after the best alignment of up to one pixel (0 for a digit that
-keeps its exact strokes). Baseline: `mnist-cond` drawing a new digit of the label for every frame, pasted along the
+keeps its exact strokes). Baseline: `mnist-cond-small` drawing a new digit of the label for every frame, pasted along the
 real clip's path.
 
 | clips | per-frame accuracy % | identity consistency % | stroke change | bounce-fit residual px | speed px/frame |

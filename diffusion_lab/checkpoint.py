@@ -34,15 +34,17 @@ class Shipped(NamedTuple):
 # name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.
 SHIPPED: dict[str, Shipped] = {
     "mnist-classifier": Shipped("1e438f92dc9de1f4643ee20a4909c98ef1201ab9b09d9f3137c2f7e8385a16db", "classifier"),
-    "mnist-cond": Shipped("d244664377cbaed1ade1ef569d540ebf65a51d3707fd452b32f5110faaf77734", "diffusion"),
+    "mnist-cond": Shipped("18db01478c04d9afc86c160cf03e14e0095b35ae659ad002938908c88e90435c", "diffusion"),
+    # the book's first, briefly trained model: the base that typeset-lora, moving-mnist and mnist-distilled were made from
+    "mnist-cond-small": Shipped("d244664377cbaed1ade1ef569d540ebf65a51d3707fd452b32f5110faaf77734", "diffusion"),
     "ch05-denoisers": Shipped("06ec96a2ba99cb2efe0c6a58ed99e3a01fe4ef0757ec9a35ca26e310b9978e73", "denoisers"),
-    # chapter 09: a LoRA adapter for mnist-cond (diffusion_lab.lora; loaded with --lora, never on its own)
+    # chapter 09: a LoRA adapter for mnist-cond-small (diffusion_lab.lora; loaded with --lora, never on its own)
     "typeset-lora": Shipped("a3f2571bd517549f0de24e405833f0d8b9bc4feb3d8f6d54ad7a7ae8396e0179", "lora"),
     "bach-chorales": Shipped("761d222ea8f88b8ba0a2a9b20965bee7ef662092ef34fe99c93e3a1ae3bcf44f", "chorales"),  # chapter 11
     "tiny-sd": Shipped("4ad52447b589f78cb5224dd52b4a66d2d3dc09486a4583270059b48d69b179d0", "text-to-image"),
     "mnist-vae": Shipped("0ffdc2e76fac113702cf677bb0d658b894beeb959e5495c23eaff6dcae780839", "autoencoder"),
     "moving-mnist": Shipped("7ab379f571e00958d2a74098dd84d2743397fce9f55253775db7ebf43743006c", "video"),  # chapter 12
-    # chapter 13: progressive students of mnist-cond for 8, 4, 2 and 1 steps (--steps picks one)
+    # chapter 13: progressive students of mnist-cond-small for 8, 4, 2 and 1 steps (--steps picks one)
     "mnist-distilled": Shipped("743aac24e5d91bb8602fb015c73f7b3521227c275fcd7a73ce5a08f95b154a41", "distilled"),
 }
 

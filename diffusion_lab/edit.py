@@ -9,7 +9,7 @@
 
 The command line reads and writes `images` as uint8 N x 28 x 28 (.npz):
 
-    python -m diffusion_lab.edit sdedit --checkpoint mnist-cond --lora typeset-lora --in digits.npz \\
+    python -m diffusion_lab.edit sdedit --checkpoint mnist-cond-small --lora typeset-lora --in digits.npz \\
         --strength 0.6 --out edited.npz
     python -m diffusion_lab.edit inpaint --in digits.npz --mask left --out filled.npz [--resample 5]
     python -m diffusion_lab.edit invert --in digits.npz --target 8 --out eights.npz

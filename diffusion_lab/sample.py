@@ -1,9 +1,10 @@
 """Draw digits from a trained model: `generate` for notebooks, and the command line `python -m diffusion_lab.sample`.
 
-    python -m diffusion_lab.sample --checkpoint mnist-cond --n 2000 --labels cycle --steps 20 \\
-        --sampler dpm++2m --guidance 2 --seed 0 --out samples.npz --grid samples.png --evaluate
+    python -m diffusion_lab.sample --checkpoint mnist-cond --n 2000 --labels cycle --seed 0 \\
+        --out samples.npz --grid samples.png --evaluate
 
-writes `images` (uint8, N x 28 x 28) and `labels` (int64, N) to an .npz file, plus `meta` (a JSON string
+uses the model's best measured sampler, step count and guidance (BEST, from its model card) and writes `images`
+(uint8, N x 28 x 28) and `labels` (int64, N) to an .npz file, plus `meta` (a JSON string
 that records the checkpoint, its SHA-256, the sampler and every setting). `--checkpoint` takes a shipped
 name (its SHA-256 is verified before a weight is read) or a path to a training checkpoint.
 Introduced in chapter 06 (sampling); the style request (`--slant`, `--thickness`) is chapter 07's.
@@ -150,10 +151,11 @@ def generate(denoiser, labels: torch.Tensor | None = None, style: torch.Tensor |
 
 
 def student_settings(denoiser, sampler, steps, guidance) -> tuple:
-    """The sampler and step count to use: the defaults (DPM-Solver++(2M), 20 steps), or a distilled student's own."""
+    """The sampler and step count to use: generate()'s general DEFAULTS (the command line's per-model best is BEST),
+    or a distilled student's own."""
     own = getattr(denoiser, "steps", None)
     if own is None:
-        return sampler or "dpm++2m", 20 if steps is None else steps
+        return sampler or DEFAULTS["sampler"], DEFAULTS["steps"] if steps is None else steps
     if steps not in (None, own) or sampler not in (None, "ddim"):
         raise ValueError(f"this student was distilled to take exactly {own} DDIM steps; it cannot sample with "
                          f"{steps or own} steps of {sampler or 'ddim'} (load the student for that step count)")
@@ -219,13 +221,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=100, help="number of images")
     p.add_argument("--labels", default="cycle",
                    help="cycle (0..9 repeated), random, a digit, a comma list like 3,5,8, or none (unconditional model)")
+    best = "; ".join(f"{name}: {v['sampler']}, {v['steps']} steps, guidance {v['guidance']:g}" for name, v in BEST.items())
     p.add_argument("--sampler", default=None, choices=sorted(SAMPLERS),
-                   help="sampling algorithm (default: dpm++2m; ddim for a distilled student)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="sampler steps (default: 20; for a file of distilled students, its default student)")
+                   help=f"sampling algorithm. --sampler, --steps and --guidance default to a shipped model's best "
+                        f"measured setting ({best}), to ddim at the file's default student for distilled students, "
+                        f"and to {DEFAULTS['sampler']} otherwise")
+    p.add_argument("--steps", type=int, default=None, help=f"sampler steps (otherwise: {DEFAULTS['steps']})")
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale: 1 = plain conditional, 0 = unconditional, >1 = stronger "
-                        "(default: 2; 1 for a distilled student, whose guidance is built in)")
+                        f"(otherwise: {DEFAULTS['guidance']:g}; always 1 for a distilled student, whose guidance is built in)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 = deterministic, 1 = DDPM-like")
     p.add_argument("--clip-x0", type=float, default=None,
                    help="clamp the predicted clean image to [-C, C] at every step (default: no clamp)")
@@ -269,14 +273,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-DEFAULTS = {"sampler": "dpm++2m", "steps": 20, "guidance": 2.0}
+DEFAULTS = {"sampler": "dpm++2m", "steps": 20, "guidance": 2.0}   # a model without a measured best setting
+# A shipped model's best measured setting: the best row of its model card's measurement (checkpoints/<name>-eval.json;
+# tests/test_shipped_quality.py holds the two to each other)
+BEST = {"mnist-cond": {"sampler": "dpm++2m", "steps": 20, "guidance": 2.0}}
 
 
 def fill_defaults(args) -> str | None:
-    """Fill --sampler, --steps and --guidance left out: the book's best measured setting for a model, or, for a
-    file of distilled students (chapter 13), DDIM at the file's default step count with guidance 1.
-    Returns the checkpoint's kind (None if the file cannot be read; loading it then says why)."""
-    defaults = dict(DEFAULTS)
+    """Fill --sampler, --steps and --guidance left out: the best measured setting of a shipped model (BEST), the
+    general DEFAULTS for any other, or, for a file of distilled students (chapter 13), DDIM at the file's default
+    step count with guidance 1. Returns the checkpoint's kind (None if the file cannot be read; loading it then
+    says why)."""
+    defaults = dict(BEST.get(str(args.checkpoint), DEFAULTS))
     try:
         _, config = load_checkpoint(args.checkpoint)
     except CheckpointError:

@@ -219,7 +219,7 @@ def centroid_path(clips: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------
 
 SHAPE = (1, FRAMES, SIZE, SIZE)  # one clip: a channel, 8 frames of 32 x 32
-IMAGE_MODEL = "mnist-cond"       # the image model whose spatial layers the clip model starts from
+IMAGE_MODEL = "mnist-cond-small"  # the image model whose spatial layers the clip model starts from
 
 
 def video_denoiser(image_model: str | None = IMAGE_MODEL, channels=(16, 32, 64), frames: int = FRAMES,

@@ -37,7 +37,7 @@ from .utils import NUM_CLASSES, atomic_write_bytes, run_command
 
 RADII = (6, 14)           # the rings (frequency units from the centre) that carry the key; the lower ones are left
                           # free: they decide the digit's shape, and fixing them costs variety (chapter 14)
-DETECT_STEPS = 4          # DDIM inversion steps at detection: on mnist-cond few steps recover the band best
+DETECT_STEPS = 4          # DDIM inversion steps at detection: on mnist-cond-small few steps recover the band best
                           # (benchmarks/provenance.py measures 2 to 20)
 ALPHA = 0.01              # the p-value below which an image counts as marked
 KEY_PATTERN = re.compile(r"[0-9a-f]{8,64}")

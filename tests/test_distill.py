@@ -215,7 +215,7 @@ def test_shipped_students_card_reports_the_committed_measurement():
     4-step student meets chapter 13's bar: accuracy >= 98% and classifier-FID within 1.5x the teacher's 20-step FID."""
     measured = json.loads((checkpoint_dir() / "mnist-distilled-eval.json").read_text())
     card = (checkpoint_dir() / "mnist-distilled.md").read_text()
-    teacher = json.loads(re.search(r"Raw output: `(\{.*?\})`", (checkpoint_dir() / "mnist-cond.md").read_text())[1])
+    teacher = json.loads(re.search(r"Raw output: `(\{.*?\})`", (checkpoint_dir() / "mnist-cond-small.md").read_text())[1])
     assert sorted(measured["rows"]) == ["1", "2", "4", "8"]
     for steps, row in measured["rows"].items():
         quoted = {k: row[k] for k in ("n", "classifier_fid", "classifier_fid_real", "n_real", "conditional_accuracy")}

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model():
-    return load_denoiser("mnist-cond", device="cpu")
+    return load_denoiser("mnist-cond-small", device="cpu")
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_pruning_zeroes_the_weakest_channels_and_quantising_touches_only_linear_layers():
-    teacher = load_denoiser("mnist-cond", device="cpu")
+    teacher = load_denoiser("mnist-cond-small", device="cpu")
     before = {k: v.clone() for k, v in teacher.net.state_dict().items()}
     cut = speed.pruned(teacher, 0.3)
     for module in cut.net.modules():
@@ -54,7 +54,7 @@ def models(tmp_path_factory):
     """Tiny stand-ins for the four trained models: students (copies of the teacher), a flow model and a v model."""
     root = tmp_path_factory.mktemp("speed")
     torch.set_num_threads(1)
-    teacher = load_denoiser("mnist-cond", device="cpu")
+    teacher = load_denoiser("mnist-cond-small", device="cpu")
     students = root / "students.safetensors"
     distill.save_students(students, {n: teacher for n in (2, 1)}, default_steps=1)
     small = dict(steps=2, channels=(8, 16, 16), batch_size=8, device="cpu")

@@ -244,16 +244,16 @@ def test_crop_and_layout_helpers_refuse_wrong_input(small):
 # ------------------------------------------------------------------------- the clip model and its tasks
 @pytest.fixture(scope="module")
 def warm():
-    """The clip model before training: mnist-cond's spatial layers, temporal convs at zero."""
+    """The clip model before training: mnist-cond-small's spatial layers, temporal convs at zero."""
     return video.video_denoiser()
 
 
 def test_fresh_clip_model_is_the_image_model_on_each_frame(warm):
     """With the temporal convs at zero and the null style folded into a bias, every frame of a clip gets exactly
-    what mnist-cond gives that frame alone (same t, same label): the clip model starts frame by frame."""
+    what mnist-cond-small gives that frame alone (same t, same label): the clip model starts frame by frame."""
     from diffusion_lab.denoiser import load_denoiser
 
-    image = load_denoiser("mnist-cond", device="cpu")
+    image = load_denoiser("mnist-cond-small", device="cpu")
     x_t = torch.randn(2, 1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     t, labels = torch.tensor([10, 700]), torch.tensor([3, 10])  # 10: the null label
     with torch.no_grad():
@@ -296,7 +296,7 @@ def test_frame_by_frame_pastes_a_new_digit_along_the_path(small):
 
     one = small.counts == 1
     paths, labels = small.trajectories[one][:2, 0], small.labels[one][:2, 0]
-    clips = video.frame_by_frame(load_denoiser("mnist-cond", device="cpu"), labels, paths, steps=3)
+    clips = video.frame_by_frame(load_denoiser("mnist-cond-small", device="cpu"), labels, paths, steps=3)
     assert clips.shape == (2, FRAMES, 32, 32) and clips.dtype == torch.uint8
     crops = video.track_crops(clips, paths[:, None])[:, 0]  # the pasted window is the whole ink
     assert torch.equal(crops.flatten(2).sum(-1).long(), clips.flatten(2).sum(-1).long())
@@ -401,7 +401,7 @@ def test_sample_cli_writes_clips_and_context(tmp_path, monkeypatch, capsys):
         sample.main(["--checkpoint", str(model), "--n", "1", "--out", str(out), "--context-from", "test",
                      "--context-frames", "8"])
     with pytest.raises(SystemExit, match="need a clip model"):
-        sample.main(["--checkpoint", "mnist-cond", "--n", "1", "--out", str(out), "--gif", str(tmp_path / "g")])
+        sample.main(["--checkpoint", "mnist-cond-small", "--n", "1", "--out", str(out), "--gif", str(tmp_path / "g")])
 
 
 def test_the_clip_model_card_is_the_benchmarks_rendering_of_its_stored_results():

@@ -52,7 +52,7 @@ def test_p_values_are_calibrated_on_noise_and_tiny_on_marked_noise():
 @pytest.fixture(scope="module")
 def model():
     torch.set_num_threads(1)
-    return load_denoiser("mnist-cond", device="cpu")
+    return load_denoiser("mnist-cond-small", device="cpu")
 
 
 def test_detection_through_the_model(model):
@@ -85,7 +85,7 @@ def test_unknown_attack_is_named():
 
 
 def test_cli_sample_then_detect_in_input_order(tmp_path, capsys):
-    common = ["--checkpoint", "mnist-cond", "--n", "6", "--steps", "10", "--device", "cpu", "--quiet"]
+    common = ["--checkpoint", "mnist-cond-small", "--n", "6", "--steps", "10", "--device", "cpu", "--quiet"]
     assert sample.main([*common, "--out", str(tmp_path / "w.npz"), "--watermark", KEY, "--seed", "5"]) == 0
     assert sample.main([*common, "--out", str(tmp_path / "c.npz"), "--seed", "6"]) == 0
     with np.load(tmp_path / "w.npz") as f:

@@ -6,13 +6,18 @@ whether a shipped model learned: 200 samples, read by the book's own classifier,
 from __future__ import annotations
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from diffusion_lab import metrics, sample
-from diffusion_lab.checkpoint import SHIPPED, checkpoint_dir
+from diffusion_lab.checkpoint import SHIPPED, checkpoint_dir, load_checkpoint
 from diffusion_lab.denoiser import load_denoiser
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import write_cond_card  # noqa: E402
 
 GENERATIVE = sorted(name for name, entry in SHIPPED.items() if entry.kind in ("diffusion", "distilled"))
 
@@ -34,8 +39,8 @@ def test_shipped_model_draws_the_requested_digits(name):
 
 
 def test_mnist_cond_card_quotes_its_measurement_and_the_cli_defaults_are_its_best_row():
-    """checkpoints/mnist-cond.md quotes the sample CLI's measurement of this very file (mnist-cond-eval.json, N = 2000).
-    The CLI's defaults for mnist-cond are the measured row with the lowest classifier-FID among those that draw the
+    """checkpoints/mnist-cond.md quotes the sample CLI's measurement of this very file (mnist-cond-eval.json, N = 2000),
+    and is exactly what tools/write_cond_card.py writes from it and the file's own record. The CLI's defaults for mnist-cond are the measured row with the lowest classifier-FID among those that draw the
     asked digit at least 99% of the time, and the model keeps what its card promises: at guidance 1 classifier-FID
     at most 2x the floor (real digits at the same N) and at least 95% accuracy, at guidance 2 at least 99% accuracy."""
     measured = json.loads((checkpoint_dir() / "mnist-cond-eval.json").read_text())
@@ -47,8 +52,10 @@ def test_mnist_cond_card_quotes_its_measurement_and_the_cli_defaults_are_its_bes
         assert f"`{json.dumps(quoted)}`" in card, row
         assert row["n"] == 2000 and f"--sampler {row['sampler']} --steps {row['steps']} --guidance {row['guidance']:g}" \
             in row["command"] and "--checkpoint mnist-cond --n 2000 --labels cycle --seed 0" in row["command"]
-    eligible = [r for r in rows if r["conditional_accuracy"] >= 0.99]
-    best = min(eligible, key=lambda r: (r["classifier_fid"], r["steps"] * (1 if r["guidance"] == 1 else 2)))
+    path = checkpoint_dir() / "mnist-cond.safetensors"
+    assert card == write_cond_card.render(measured, load_checkpoint("mnist-cond")[1], path.stat().st_size), \
+        "the card is not what `python tools/write_cond_card.py` writes: run it"
+    best = write_cond_card.best_row(rows)
     assert sample.BEST["mnist-cond"] == {k: best[k] for k in ("sampler", "steps", "guidance")}
     by_guidance = {g: [r for r in rows if r["guidance"] == g] for g in (1, 2)}
     assert by_guidance[1] and by_guidance[2]

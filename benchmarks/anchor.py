@@ -18,6 +18,7 @@ The code below is written for this repository (not copied from the course).
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from diffusion_lab import data
 from diffusion_lab.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from diffusion_lab.denoiser import Denoiser
 from diffusion_lab.schedules import NoiseSchedule
+from diffusion_lab.training import load_optimizer_tensors, optimizer_tensors
 from diffusion_lab.utils import seed_everything
 
 try:
@@ -81,6 +83,33 @@ def save_anchor(path, model: AnchorNet, step: int) -> str:
     return save_checkpoint(path, {f"model.{k}": v for k, v in model.state_dict().items()}, meta)
 
 
+RUN_FORMAT = "diffusion_lab/anchor-run/1"
+
+
+def _save_run(path, model, optimizer, generator, losses, step, elapsed, run) -> None:
+    """A resumable anchor run: weights, Adam's state, the batch generator and the losses so far (atomic write)."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    tensors.update(optimizer_tensors(optimizer))
+    tensors["rng.data"] = generator.get_state()
+    tensors["history.loss"] = torch.tensor(losses, dtype=torch.float32)
+    save_checkpoint(path, tensors, {"format": RUN_FORMAT, **run, "step": step, "elapsed_s": round(elapsed, 2)})
+
+
+def _resume_run(path, model, optimizer, generator, losses, run) -> tuple[int, float]:
+    """Load a run written by _save_run into the live objects; a run of another recipe, seed or batch is refused."""
+    tensors, meta = load_checkpoint(path)
+    if meta.get("format") != RUN_FORMAT:
+        raise CheckpointError(f"{path} is not an anchor training run (format {meta.get('format')!r})")
+    saved = {k: meta.get(k) for k in run}
+    if saved != run:
+        raise ValueError(f"cannot resume {path}: it is a run of {saved}, not {run}; choose another file")
+    model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    load_optimizer_tensors(optimizer, tensors)
+    generator.set_state(tensors["rng.data"])
+    losses.extend(tensors["history.loss"].tolist())
+    return int(meta["step"]), float(meta["elapsed_s"])
+
+
 def load_anchor(path, device: torch.device | str = "cpu") -> tuple[AnchorNet, NoiseSchedule]:
     """A saved anchor, in eval mode, and its noise schedule: ready for diffusion_lab's samplers (eps-prediction)."""
     tensors, meta = load_checkpoint(path)
@@ -107,11 +136,15 @@ def train_step(model: AnchorNet, scheduler: DDPMScheduler, optimizer, x0: torch.
 def train_anchor(minutes: float = 0.0, steps: int | None = None, batch_size: int = RECIPE["batch_size"],
                  seed: int = 0, device: torch.device | str = "cpu", images: torch.Tensor | None = None,
                  labels: torch.Tensor | None = None, callback=None, log_every: int = 10,
-                 channels_last: bool = False) -> dict:
+                 channels_last: bool = False, checkpoint=None, ckpt_every: int = 100) -> dict:
     """Train the anchor for `minutes` of wall clock (checked before every step, as diffusion_lab.training does)
     and/or at most `steps` steps. `callback(step, images_seen, model)` runs every `log_every` steps; returning
     True stops training. Returns {"model", "schedule", "losses", "step", "images_seen", "elapsed_s",
-    "images_per_s"} — the same keys as diffusion_lab.training.train where they mean the same thing."""
+    "images_per_s"} — the same keys as diffusion_lab.training.train where they mean the same thing.
+
+    With `checkpoint` (a path), the run is written there every `ckpt_every` steps and at the end, and a run found
+    there is continued exactly where it stopped (its steps and seconds count towards the budget): a run of hours
+    can be stopped and resumed."""
     if not minutes and not steps:
         raise ValueError("give the anchor a budget: minutes > 0 and/or steps > 0")
     device = torch.device(device)
@@ -126,10 +159,14 @@ def train_anchor(minutes: float = 0.0, steps: int | None = None, batch_size: int
     optimizer = torch.optim.Adam(model.parameters(), lr=RECIPE["lr"])
     generator = torch.Generator().manual_seed(seed)
     model.train()
-    step, images_seen, losses, pending = 0, 0, [], []
-    start = time.perf_counter()
+    step, losses, pending, before = 0, [], [], 0.0
+    run = {"anchor": RECIPE, "seed": seed, "batch_size": batch_size}
+    if checkpoint is not None and Path(checkpoint).exists():
+        step, before = _resume_run(checkpoint, model, optimizer, generator, losses, run)
+    images_seen, start = step * batch_size, time.perf_counter()
+    elapsed = lambda: before + time.perf_counter() - start  # noqa: E731
     while steps is None or step < steps:
-        if minutes and (time.perf_counter() - start) / 60 >= minutes:
+        if minutes and elapsed() / 60 >= minutes:
             break
         idx = torch.randint(0, len(images), (batch_size,), generator=generator).to(device)
         x0 = data.to_unit_range(images[idx])
@@ -143,8 +180,14 @@ def train_anchor(minutes: float = 0.0, steps: int | None = None, batch_size: int
             pending.clear()
             if callback is not None and callback(step, images_seen, model):
                 break
+        if checkpoint is not None and step % ckpt_every == 0:
+            losses.extend(torch.stack(pending).tolist() if pending else [])
+            pending.clear()
+            _save_run(checkpoint, model, optimizer, generator, losses, step, elapsed(), run)
     losses.extend(torch.stack(pending).tolist() if pending else [])
-    wall = time.perf_counter() - start
+    wall = elapsed()
+    if checkpoint is not None and step % ckpt_every:
+        _save_run(checkpoint, model, optimizer, generator, losses, step, wall, run)
     model.eval()
     return {"model": model, "schedule": anchor_schedule(scheduler), "losses": losses, "step": step,
             "images_seen": images_seen, "elapsed_s": wall, "images_per_s": images_seen / wall if wall else float("nan")}

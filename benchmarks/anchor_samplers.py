@@ -7,7 +7,11 @@ shipped classifier:
   fewer digits: `--n-course`; too few for a FID, so only its accuracy is reported).
 If the few-step samplers were what held the anchor back, the 1,000-step loop would score far better.
 
-`--anchor PATH` scores a model saved by `train_vs_anchor.py --save` instead of training one.
+`--anchor PATH` scores a model saved by `train_vs_anchor.py --save` instead of training one. `--run PATH` trains
+into a checkpoint that the same command resumes, for budgets that outlast one sitting: the course's own 10 epochs
+(4,690 steps of 128, about 3.4 h on a 2-core CPU),
+    python benchmarks/anchor_samplers.py --steps 4690 --n-eval 2000 --n-course 200 \
+        --run runs/anchor-10-epochs.safetensors --out benchmarks/results/anchor_10_epochs.json
 
 Run from the repository root (about 30 min on a 2-core CPU, 20 of them training):
     python benchmarks/anchor_samplers.py --steps 420 --n-eval 500 --n-course 40
@@ -73,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--n-course", type=int, default=40, help="digits for the 1,000-step loop")
     p.add_argument("--course-steps", type=int, default=1000, help="steps of the course's loop (tests: fewer)")
     p.add_argument("--anchor", default=None, metavar="PATH", help="a saved anchor (train_vs_anchor.py --save)")
+    p.add_argument("--run", default=None, metavar="PATH",
+                   help="train the anchor into this file, checkpointed every 100 steps; the same command resumes it")
     return p
 
 
@@ -86,7 +92,7 @@ def main(argv=None) -> dict:
         model, schedule = load_anchor(args.anchor, device)
         source, steps = f"loaded from {Path(args.anchor).name}", None
     else:
-        trained = train_anchor(steps=args.steps, seed=args.seed, device=device)
+        trained = train_anchor(steps=args.steps, seed=args.seed, device=device, checkpoint=args.run)
         model, schedule, steps = trained["model"], trained["schedule"], trained["step"]
         source = f"trained {steps} steps, seed {args.seed}"
         print(f"anchor: {steps} steps in {trained['elapsed_s']:.0f} s", flush=True)

@@ -157,13 +157,27 @@ class NonFiniteError(RuntimeError):
 def checkpoint_tensors(model, ema, optimizer, generator: torch.Generator, losses: list[float], schedule) -> dict:
     tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
-    for i, state in optimizer.state_dict()["state"].items():
-        for k, v in state.items():
-            tensors[f"optim.{i}.{k}"] = torch.as_tensor(v)
+    tensors.update(optimizer_tensors(optimizer))
     tensors["rng.data"] = generator.get_state()
     tensors["history.loss"] = torch.tensor(losses, dtype=torch.float32)
     tensors["schedule.betas"] = schedule.betas
     return tensors
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict:
+    """The optimizer's per-parameter state as flat tensors `optim.<param index>.<name>` (safetensors holds no dicts)."""
+    return {f"optim.{i}.{k}": torch.as_tensor(v) for i, state in optimizer.state_dict()["state"].items()
+            for k, v in state.items()}
+
+
+def load_optimizer_tensors(optimizer: torch.optim.Optimizer, tensors: dict) -> None:
+    """The inverse of optimizer_tensors: restore the state from a checkpoint's `optim.*` tensors."""
+    state = optimizer.state_dict()
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, i, name = key.split(".", 2)
+            state["state"].setdefault(int(i), {})[name] = value
+    optimizer.load_state_dict(state)
 
 
 def _run_meta(denoiser: Denoiser, config: FitConfig, record: dict | None) -> dict:
@@ -412,12 +426,7 @@ def _resume(checkpoint, meta, model, ema, optimizer, generator, losses: list, ve
     split = lambda prefix: {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}  # noqa: E731
     model.load_state_dict(split("model."))
     ema.load_state_dict(split("ema."))
-    state = optimizer.state_dict()
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, i, name = key.split(".", 2)
-            state["state"].setdefault(int(i), {})[name] = value
-    optimizer.load_state_dict(state)
+    load_optimizer_tensors(optimizer, tensors)
     generator.set_state(tensors["rng.data"])
     losses.extend(tensors["history.loss"].tolist())
     if verbose:

@@ -102,6 +102,23 @@ def test_train_anchor_needs_a_budget_and_counts_images():
     assert len(r["losses"]) == 2 and all(loss > 0 for loss in r["losses"])
 
 
+def test_train_anchor_resumes_exactly_where_it_stopped(tmp_path):
+    """4 steps in one go, and 2 + 2 through a checkpoint (a stopped process, then the same call): the same weights
+    and losses bit for bit, because Adam's moments and the batch generator come back with the weights."""
+    images = torch.randint(0, 256, (16, 28, 28), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (16,))
+    kw = dict(batch_size=4, images=images, labels=labels, ckpt_every=1)
+    whole = anchor.train_anchor(steps=4, **kw)
+    run = tmp_path / "anchor-run.safetensors"
+    anchor.train_anchor(steps=2, checkpoint=run, **kw)
+    resumed = anchor.train_anchor(steps=4, checkpoint=run, **kw)
+    assert resumed["step"] == 4 and resumed["images_seen"] == 16 and resumed["losses"] == whole["losses"]
+    for (name, a), b in zip(whole["model"].state_dict().items(), resumed["model"].state_dict().values()):
+        assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="cannot resume"):
+        anchor.train_anchor(steps=5, checkpoint=run, **{**kw, "batch_size": 8})
+
+
 # --- the scripts at micro budgets -----------------------------------------------------------------------------
 
 def test_train_vs_anchor_micro(tmp_path):

@@ -68,6 +68,17 @@ def by_profile(smoke, demo, full):
     return {"smoke": smoke, "demo": demo, "full": full}[profile()]
 
 
+def glue(name: str, value, display: bool = True) -> None:
+    """Hand a computed value to the prose: myst-nb's `glue` in the book build (the text reads it with {glue:text}),
+    and outside it (Colab, plain Jupyter, where myst-nb is not installed) a printed `name: value` line instead."""
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        print(f"{name}: {value}")
+        return
+    myst_glue(name, value, display=display)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a kill (or a second process writing
     the same file) never leaves half a file behind. The file is readable by every user, like a plain write."""

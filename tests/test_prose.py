@@ -154,3 +154,19 @@ def test_boxes_and_solutions_glue_their_figures(path):
                 found.append(f"cell {cell.get('id')}, {where}: {figures}")
     assert not found, (f"{path.name}: measured figures typed by hand (glue them from a cell or a committed result "
                        "JSON, or state the fact without the number):\n  " + "\n  ".join(found))
+
+
+def test_glue_reaches_the_book_and_prints_outside_it(monkeypatch, capsys):
+    """diffusion_lab.utils.glue, the one every chapter imports: myst-nb's glue (a display output carrying the name,
+    which the book build reads) when myst-nb is installed, and a printed `name: value` where it is not (Colab)."""
+    import sys
+
+    from diffusion_lab.utils import glue
+
+    shown = []
+    monkeypatch.setattr("myst_nb.ext.glue.ipy_display", lambda data, **kw: shown.append((data, kw["metadata"])))
+    glue("acc", 97.5, display=False)
+    assert [meta["scrapbook"]["name"] for _, meta in shown] == ["acc"] and capsys.readouterr().out == ""
+    monkeypatch.setitem(sys.modules, "myst_nb", None)   # as in Colab: the import fails
+    glue("acc", 97.5)
+    assert capsys.readouterr().out == "acc: 97.5\n"

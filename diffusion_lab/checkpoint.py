@@ -34,7 +34,7 @@ class Shipped(NamedTuple):
 # name -> (SHA-256, kind). Updated only by a retraining (or conversion) whose model card says so.
 SHIPPED: dict[str, Shipped] = {
     "mnist-classifier": Shipped("1e438f92dc9de1f4643ee20a4909c98ef1201ab9b09d9f3137c2f7e8385a16db", "classifier"),
-    "mnist-cond": Shipped("18db01478c04d9afc86c160cf03e14e0095b35ae659ad002938908c88e90435c", "diffusion"),
+    "mnist-cond": Shipped("5fd976135e67f8d9c80cad19af24e9234109df85905b763536ef73c3f16030f0", "diffusion"),
     # the book's first, briefly trained model: the base that typeset-lora, moving-mnist and mnist-distilled were made from
     "mnist-cond-small": Shipped("d244664377cbaed1ade1ef569d540ebf65a51d3707fd452b32f5110faaf77734", "diffusion"),
     "ch05-denoisers": Shipped("06ec96a2ba99cb2efe0c6a58ed99e3a01fe4ef0757ec9a35ca26e310b9978e73", "denoisers"),

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 from diffusion_lab.checkpoint import SHIPPED, checkpoint_dir, load_checkpoint
 from diffusion_lab.training import TrainConfig, lr_at
@@ -20,7 +19,7 @@ SAMPLERS = {"ddpm": "DDPM (ancestral)", "ddim": "DDIM", "dpm++2m": "DPM-Solver++
 
 # How the training run was driven: the training CLI records the configuration it finished with, not the commands
 # that resumed it, so their step targets are kept here. Each resume changed only `--steps` (a field that may change).
-STEP_TARGETS = [9000]
+STEP_TARGETS = [9000, 18000]
 RUN_ARGS = ("--style 1 --channels 32 64 64 --attention 0 --p-uncond 0.05 --amp bf16 --steps {steps} --batch-size 128 "
             "--lr 2e-3 --warmup 100 --ema-decay 0.999 --ckpt-every 250 --seed 0 --device cpu")
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
+from pathlib import Path
 
 from diffusion_lab.checkpoint import SHIPPED, checkpoint_dir, load_checkpoint
 from diffusion_lab.training import TrainConfig, lr_at
@@ -79,10 +80,12 @@ def _bar(rows: list[dict]) -> tuple[str, list[str]]:
     return " ".join(parts), limits
 
 
-def render(measured: dict, meta: dict, size: int) -> str:
-    rows, train, net = measured["rows"], meta["train"], meta["net"]["config"]
+def render(measured: dict, path) -> str:
+    """The card of the shipped file at `path` (its record, size and weights) with the measurement `measured`."""
+    tensors, meta = load_checkpoint(path, SHIPPED[NAME].sha256)   # the card names this SHA-256: hold the file to it
+    rows, train, net, size = measured["rows"], meta["train"], meta["net"]["config"], Path(path).stat().st_size
     best = best_row(rows)
-    params = sum(t.numel() for k, t in load_checkpoint(NAME)[0].items() if k.startswith("net."))
+    params = sum(t.numel() for k, t in tensors.items() if k.startswith("net."))
     floor = rows[0]["classifier_fid_real"]
     epochs = meta["step"] * train["batch_size"] / 60000
     bar, limits = _bar(rows)
@@ -197,10 +200,8 @@ and the model to the part of the bar it meets.
 
 
 def main() -> int:
-    path = checkpoint_dir() / f"{NAME}.safetensors"
     measured = json.loads((checkpoint_dir() / f"{NAME}-eval.json").read_text())
-    _, meta = load_checkpoint(NAME)
-    (checkpoint_dir() / f"{NAME}.md").write_text(render(measured, meta, path.stat().st_size))
+    (checkpoint_dir() / f"{NAME}.md").write_text(render(measured, checkpoint_dir() / f"{NAME}.safetensors"))
     return 0
 
 
